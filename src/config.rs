@@ -1,0 +1,292 @@
+//! One typed configuration: built-in defaults < a TOML file < `CHARTER__SECTION__KEY`
+//! environment variables (< command-line flags, applied by `main`).
+//!
+//! The defaults live in `src/config/defaults.toml`, compiled into the binary, so the file
+//! that documents every key is also the one that sets it. README.md lists the keys.
+//! This module owns parsing and validation of settings; it knows nothing of HTTP or models.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The built-in defaults, documented key by key.
+pub const DEFAULTS_TOML: &str = include_str!("config/defaults.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    pub batching: BatchingConfig,
+    pub limits: LimitsConfig,
+    pub constitutions: ConstitutionsConfig,
+    pub scoring: ScoringConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server listens on.
+    pub bind: SocketAddr,
+    /// Whole-request deadline; a request still running after it gets 408.
+    pub request_timeout_secs: u64,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// How long shutdown waits for in-flight requests before giving up.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model name: a folder under `<assets_dir>/models/` made by the set-up step.
+    pub name: String,
+    /// Explicit model folder; overrides `assets_dir/models/name` when set.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Where the set-up step put models and ONNX Runtime.
+    pub assets_dir: PathBuf,
+    /// ONNX Runtime shared library; default `<assets_dir>/onnxruntime/libonnxruntime.so.*`.
+    #[serde(default)]
+    pub runtime_library: Option<PathBuf>,
+    /// Model worker threads, each with its own session.
+    pub workers: usize,
+    /// ONNX Runtime intra-op threads per worker.
+    pub intra_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most padded tokens (texts x longest text) in one model call.
+    pub max_batch_tokens: usize,
+    /// Most texts in one model call.
+    pub max_batch_size: usize,
+    /// Longest/shortest token-length ratio allowed inside one model call.
+    pub bucket_ratio: f32,
+    /// Most text pieces waiting for the model; beyond it requests get 429.
+    pub queue_capacity: usize,
+    /// Seconds sent in `Retry-After` with a 429.
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest accepted text, in characters.
+    pub max_text_chars: usize,
+    /// Most texts in one batch request.
+    pub max_batch_texts: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstitutionsConfig {
+    /// Folder of `*.toml` constitution files, loaded at start.
+    pub dir: PathBuf,
+    /// Constitution used when a request names none.
+    pub default: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Nearest exemplars averaged on each side (violating, compliant).
+    pub top_k: usize,
+    /// Texts longer than this many tokens are also scored window by window.
+    pub window_tokens: usize,
+    /// Tokens between window starts (windows overlap when smaller than `window_tokens`).
+    pub window_stride: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// tracing filter directive, e.g. `info` or `charter=debug,tower_http=info`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `CHARTER__SECTION__KEY` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULTS_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CHARTER__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("CHARTER")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.model.workers == 0 {
+            return invalid("model.workers", "must be at least 1");
+        }
+        if self.model.intra_threads == 0 {
+            return invalid("model.intra_threads", "must be at least 1");
+        }
+        if self.batching.max_batch_size == 0 || self.batching.max_batch_tokens == 0 {
+            return invalid("batching.max_batch_size", "batch limits must be at least 1");
+        }
+        if self.batching.bucket_ratio < 1.0 {
+            return invalid("batching.bucket_ratio", "must be >= 1.0");
+        }
+        if self.batching.queue_capacity == 0 {
+            return invalid("batching.queue_capacity", "must be at least 1");
+        }
+        if self.limits.max_text_chars == 0 || self.limits.max_batch_texts == 0 {
+            return invalid("limits.max_text_chars", "limits must be at least 1");
+        }
+        if self.scoring.top_k == 0 {
+            return invalid("scoring.top_k", "must be at least 1");
+        }
+        if self.scoring.window_stride == 0
+            || self.scoring.window_stride > self.scoring.window_tokens
+        {
+            return invalid(
+                "scoring.window_stride",
+                "must be between 1 and scoring.window_tokens",
+            );
+        }
+        Ok(())
+    }
+
+    /// The model folder this configuration selects.
+    pub fn model_dir(&self) -> PathBuf {
+        match &self.model.dir {
+            Some(dir) => dir.clone(),
+            None => self.model.assets_dir.join("models").join(&self.model.name),
+        }
+    }
+
+    /// The ONNX Runtime library this configuration selects: the configured path, or the
+    /// one `libonnxruntime.so.*` the set-up step put under `assets_dir/onnxruntime`.
+    pub fn runtime_library(&self) -> PathBuf {
+        if let Some(path) = &self.model.runtime_library {
+            return path.clone();
+        }
+        let dir = self.model.assets_dir.join("onnxruntime");
+        std::fs::read_dir(&dir)
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                    })
+                    .max()
+            })
+            .unwrap_or_else(|| dir.join("libonnxruntime.so"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let config = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(config.model.name, "use-m3");
+        assert_eq!(config.constitutions.default, "default");
+        assert_eq!(config.model_dir(), PathBuf::from("assets/models/use-m3"));
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("charter.toml");
+        std::fs::write(
+            &path,
+            "[server]\nbind = \"127.0.0.1:9000\"\n[limits]\nmax_batch_texts = 7\n",
+        )
+        .unwrap();
+        let config = Config::load_from(
+            Some(&path),
+            env(&[
+                ("CHARTER__LIMITS__MAX_BATCH_TEXTS", "9"),
+                ("CHARTER__MODEL__NAME", "minilm-l6-int8"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.bind.port(), 9000);
+        assert_eq!(config.limits.max_batch_texts, 9);
+        assert_eq!(config.model.name, "minilm-l6-int8");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = Config::load_from(None, env(&[("CHARTER__MODEL__WORKERS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("model.workers"), "{err}");
+        let err = Config::load_from(None, env(&[("CHARTER__SERVER__BIND", "not-an-address")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::load_from(None, env(&[("CHARTER__SERVER__BINDD", "x")])).unwrap_err();
+        assert!(err.to_string().contains("bindd"), "{err}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Constitutions: a TOML file of rules -> validated types with a content version.
+//!
+//! This module is pure: it reads files and validates them, and knows nothing of models,
+//! scoring or HTTP. The format is documented in `constitution/README.md`; in short, a
+//! file holds an `id`, a `description`, `[defaults]`, shared `compliant` exemplars and
+//! `[[rules]]`, each rule with a principle (any language, or a table of languages),
+//! category, severity, action, threshold, violating and compliant exemplars (inline or in
+//! a JSONL file next to the constitution), and critique/revision instructions.
+//!
+//! A constitution's version is the sha256 of its content: the TOML bytes, every example
+//! file it references and its calibration file, so any change to what decides a verdict
+//! changes the version.
+
+mod calibration;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use calibration::{Calibration, RuleCalibration, CALIBRATION_SUFFIX};
+pub use parse::parse_file;
+
+/// A validation error that names the file, the line (when known) and the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConstitutionError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConstitutionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConstitutionError {}
+
+/// All the errors found in one file (validation does not stop at the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConstitutionErrors(pub Vec<ConstitutionError>);
+
+impl fmt::Display for ConstitutionErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConstitutionErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+/// What the gateway does with an output that breaks the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Return the output, with metadata naming the rule.
+    Flag,
+    /// Replace the output with a refusal.
+    Block,
+    /// Critique and revise the output (Constitutional AI), block if revision fails.
+    Revise,
+}
+
+/// One exemplar text and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Example {
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    pub id: String,
+    pub category: String,
+    /// The rule in natural language, keyed by language tag (`en`, `zh`, ...).
+    pub principle: BTreeMap<String, String>,
+    pub severity: Severity,
+    pub action: Action,
+    /// Score above which the rule is violated (before calibration).
+    pub threshold: f32,
+    pub critique: String,
+    pub revision: String,
+    pub violating: Vec<Example>,
+    /// The rule's own compliant exemplars (the shared ones are on the constitution).
+    pub compliant: Vec<Example>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Constitution {
+    pub id: String,
+    pub description: String,
+    /// sha256 of the content (TOML, example files, calibration), 16 hex digits.
+    pub version: String,
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Compliant exemplars every rule is contrasted with.
+    pub shared_compliant: Vec<Example>,
+    pub rules: Vec<Rule>,
+    /// Fitted thresholds and heads, from `<file stem>.calibration.json` when present.
+    #[serde(skip)]
+    pub calibration: Option<Calibration>,
+}
+
+impl Constitution {
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+
+    /// The threshold in force for a rule: the calibrated one for `model`, else the file's.
+    pub fn threshold(&self, rule: &Rule, model: &str) -> f32 {
+        self.calibration
+            .as_ref()
+            .filter(|c| c.model == model)
+            .and_then(|c| c.rules.get(&rule.id))
+            .map(|r| r.threshold)
+            .unwrap_or(rule.threshold)
+    }
+}
+
+/// Loads every `*.toml` constitution in a folder; errors name the file.
+pub fn load_dir(dir: &Path) -> Result<Vec<Constitution>, ConstitutionErrors> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConstitutionErrors(vec![ConstitutionError {
+            file: dir.to_path_buf(),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read constitution folder: {e}"),
+        }])
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    let mut out: Vec<Constitution> = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        match parse_file(&path) {
+            Ok(c) => {
+                if let Some(other) = out.iter().find(|o| o.id == c.id) {
+                    errors.push(ConstitutionError {
+                        file: path.clone(),
+                        line: None,
+                        field: "id".into(),
+                        message: format!(
+                            "constitution id {:?} is also used by {}",
+                            c.id,
+                            other.path.display()
+                        ),
+                    });
+                } else {
+                    out.push(c);
+                }
+            }
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConstitutionErrors(errors))
+    }
+}

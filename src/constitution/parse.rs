@@ -1,0 +1,619 @@
+//! TOML -> [`Constitution`], collecting every error with its file, line and field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use sha2::{Digest, Sha256};
+
+use super::{
+    Action, Calibration, Constitution, ConstitutionError, ConstitutionErrors, Example, Rule,
+    Severity, CALIBRATION_SUFFIX,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConstitution {
+    id: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    defaults: RawDefaults,
+    /// Compliant exemplars shared by every rule.
+    #[serde(default)]
+    compliant: Vec<RawExample>,
+    /// JSONL file of shared compliant exemplars.
+    #[serde(default)]
+    compliant_file: Option<Spanned<String>>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    severity: Option<Severity>,
+    action: Option<Action>,
+    threshold: Option<Spanned<f32>>,
+    critique: Option<String>,
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: Spanned<String>,
+    category: Option<Spanned<String>>,
+    principle: Spanned<RawPrinciple>,
+    severity: Option<Severity>,
+    action: Option<Action>,
+    threshold: Option<Spanned<f32>>,
+    critique: Option<String>,
+    revision: Option<String>,
+    #[serde(default)]
+    violating: Vec<RawExample>,
+    #[serde(default)]
+    compliant: Vec<RawExample>,
+    /// JSONL file with `{"text", "label": "violating"|"compliant", "source"?}` lines.
+    examples_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPrinciple {
+    One(String),
+    ByLanguage(BTreeMap<String, String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawExample {
+    Text(String),
+    WithSource {
+        text: String,
+        source: Option<String>,
+    },
+}
+
+impl From<RawExample> for Example {
+    fn from(raw: RawExample) -> Self {
+        match raw {
+            RawExample::Text(text) => Example { text, source: None },
+            RawExample::WithSource { text, source } => Example { text, source },
+        }
+    }
+}
+
+/// One line of an examples file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExampleLine {
+    text: String,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    /// Language tag, for readers of the file; scoring does not need it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    lang: Option<String>,
+}
+
+/// Collects errors for one file; converts byte offsets to line numbers.
+struct Errors<'a> {
+    file: &'a Path,
+    source: &'a str,
+    list: Vec<ConstitutionError>,
+}
+
+impl Errors<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.source[..offset.min(self.source.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn at(
+        &mut self,
+        span: Option<std::ops::Range<usize>>,
+        field: &str,
+        message: impl Into<String>,
+    ) {
+        let line = span.map(|s| self.line_of(s.start));
+        self.list.push(ConstitutionError {
+            file: self.file.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn in_file(
+        &mut self,
+        file: &Path,
+        line: Option<usize>,
+        field: &str,
+        message: impl Into<String>,
+    ) {
+        self.list.push(ConstitutionError {
+            file: file.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// The calibration file that belongs to a constitution file.
+pub fn calibration_path(path: &Path) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("constitution");
+    path.with_file_name(format!("{stem}{CALIBRATION_SUFFIX}"))
+}
+
+/// Reads, validates and versions one constitution file.
+pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        ConstitutionErrors(vec![ConstitutionError {
+            file: path.to_path_buf(),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let source = String::from_utf8_lossy(&bytes).into_owned();
+    let mut errors = Errors {
+        file: path,
+        source: &source,
+        list: Vec::new(),
+    };
+
+    let raw: RawConstitution = match toml::from_str(&source) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let field = e
+                .message()
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_default();
+            errors.at(e.span(), &field, e.message().trim().to_string());
+            return Err(ConstitutionErrors(errors.list));
+        }
+    };
+
+    let mut hasher = Sha256::new();
+    hasher.update(&bytes);
+    let base = path.parent().unwrap_or(Path::new("."));
+
+    if !valid_id(raw.id.get_ref()) {
+        errors.at(
+            Some(raw.id.span()),
+            "id",
+            "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+        );
+    }
+    let default_threshold = match &raw.defaults.threshold {
+        Some(t) => check_threshold(&mut errors, t, "defaults.threshold"),
+        None => 0.0,
+    };
+    let default_critique = raw.defaults.critique.clone().unwrap_or_else(|| {
+        "Identify specifically how the response breaks this principle: {principle}".into()
+    });
+    let default_revision = raw.defaults.revision.clone().unwrap_or_else(|| {
+        "Rewrite the response so that it follows this principle, keeping everything helpful \
+         that does not break it: {principle}"
+            .into()
+    });
+
+    let mut shared_compliant: Vec<Example> = raw.compliant.into_iter().map(Example::from).collect();
+    if let Some(file) = &raw.compliant_file {
+        for (example, label) in
+            read_examples(&mut errors, &mut hasher, base, file, "compliant_file")
+        {
+            if label.as_deref().is_some_and(|l| l != "compliant") {
+                continue;
+            }
+            shared_compliant.push(example);
+        }
+    }
+
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut seen = HashSet::new();
+    if raw.rules.is_empty() {
+        errors.at(
+            None,
+            "rules",
+            "a constitution needs at least one [[rules]] entry",
+        );
+    }
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let field = |name: &str| format!("rules[{i}].{name}");
+        let id = r.id.get_ref().clone();
+        if !valid_id(&id) {
+            errors.at(
+                Some(r.id.span()),
+                &field("id"),
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            );
+        } else if !seen.insert(id.clone()) {
+            errors.at(
+                Some(r.id.span()),
+                &field("id"),
+                format!("duplicate rule id {id:?}"),
+            );
+        }
+        let principle = match r.principle.get_ref() {
+            RawPrinciple::One(text) => BTreeMap::from([("en".to_string(), text.clone())]),
+            RawPrinciple::ByLanguage(map) => map.clone(),
+        };
+        if principle.is_empty() || principle.values().any(|t| t.trim().is_empty()) {
+            errors.at(
+                Some(r.principle.span()),
+                &field("principle"),
+                "must not be empty",
+            );
+        }
+        let threshold = match &r.threshold {
+            Some(t) => check_threshold(&mut errors, t, &field("threshold")),
+            None => default_threshold,
+        };
+        let mut violating: Vec<Example> = r.violating.into_iter().map(Example::from).collect();
+        let mut compliant: Vec<Example> = r.compliant.into_iter().map(Example::from).collect();
+        if let Some(file) = &r.examples_file {
+            for (example, label) in read_examples(
+                &mut errors,
+                &mut hasher,
+                base,
+                file,
+                &field("examples_file"),
+            ) {
+                match label.as_deref() {
+                    Some("violating") | Some("violation") => violating.push(example),
+                    Some("compliant") | Some("ok") => compliant.push(example),
+                    _ => {} // reported by read_examples
+                }
+            }
+        }
+        if violating.is_empty() {
+            errors.at(
+                Some(r.id.span()),
+                &field("violating"),
+                "a rule needs at least one violating exemplar (similarity to the principle alone is near chance)",
+            );
+        }
+        for (list, name) in [(&violating, "violating"), (&compliant, "compliant")] {
+            if let Some(pos) = list.iter().position(|e| e.text.trim().is_empty()) {
+                errors.at(
+                    Some(r.id.span()),
+                    &field(&format!("{name}[{pos}]")),
+                    "empty exemplar text",
+                );
+            }
+        }
+        let category = r
+            .category
+            .map(|c| c.into_inner())
+            .unwrap_or_else(|| id.clone());
+        let principle_text = principle
+            .get("en")
+            .or_else(|| principle.values().next())
+            .cloned();
+        let fill = |template: &str| {
+            template.replace("{principle}", principle_text.as_deref().unwrap_or(""))
+        };
+        rules.push(Rule {
+            id,
+            category,
+            principle,
+            severity: r
+                .severity
+                .or(raw.defaults.severity)
+                .unwrap_or(Severity::High),
+            action: r.action.or(raw.defaults.action).unwrap_or(Action::Block),
+            threshold,
+            critique: fill(r.critique.as_deref().unwrap_or(&default_critique)),
+            revision: fill(r.revision.as_deref().unwrap_or(&default_revision)),
+            violating,
+            compliant,
+        });
+    }
+
+    let calibration_file = calibration_path(path);
+    let calibration = match std::fs::read(&calibration_file) {
+        Ok(cal_bytes) => {
+            hasher.update(b"\0calibration\0");
+            hasher.update(&cal_bytes);
+            match serde_json::from_slice::<Calibration>(&cal_bytes) {
+                Ok(cal) => {
+                    for rule_id in cal.rules.keys() {
+                        if !rules.iter().any(|r| &r.id == rule_id) {
+                            errors.in_file(
+                                &calibration_file,
+                                None,
+                                &format!("rules.{rule_id}"),
+                                "calibration names a rule the constitution does not have",
+                            );
+                        }
+                    }
+                    Some(cal)
+                }
+                Err(e) => {
+                    errors.in_file(&calibration_file, Some(e.line()), "", e.to_string());
+                    None
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            errors.in_file(&calibration_file, None, "", format!("cannot read: {e}"));
+            None
+        }
+    };
+
+    if !errors.list.is_empty() {
+        return Err(ConstitutionErrors(errors.list));
+    }
+    let version = hex::encode(&hasher.finalize()[..8]);
+    Ok(Constitution {
+        id: raw.id.into_inner(),
+        description: raw.description,
+        version,
+        path: path.to_path_buf(),
+        shared_compliant,
+        rules,
+        calibration,
+    })
+}
+
+fn check_threshold(errors: &mut Errors<'_>, t: &Spanned<f32>, field: &str) -> f32 {
+    let value = *t.get_ref();
+    if !value.is_finite() || !(-2.0..=2.0).contains(&value) {
+        errors.at(
+            Some(t.span()),
+            field,
+            format!("{value} is outside -2.0..=2.0"),
+        );
+    }
+    value
+}
+
+/// Reads a JSONL examples file referenced from the constitution (path relative to it),
+/// hashing its bytes into the version. Returns (example, label) pairs.
+fn read_examples(
+    errors: &mut Errors<'_>,
+    hasher: &mut Sha256,
+    base: &Path,
+    file: &Spanned<String>,
+    field: &str,
+) -> Vec<(Example, Option<String>)> {
+    let rel = Path::new(file.get_ref());
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        errors.at(
+            Some(file.span()),
+            field,
+            "must be a relative path inside the constitution folder",
+        );
+        return Vec::new();
+    }
+    let path = base.join(rel);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.at(
+                Some(file.span()),
+                field,
+                format!("cannot read {}: {e}", path.display()),
+            );
+            return Vec::new();
+        }
+    };
+    hasher.update(b"\0file\0");
+    hasher.update(file.get_ref().as_bytes());
+    hasher.update(b"\0");
+    hasher.update(text.as_bytes());
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<ExampleLine>(line) {
+            Ok(ExampleLine {
+                text,
+                label,
+                source,
+                lang: _,
+            }) => {
+                if text.trim().is_empty() {
+                    errors.in_file(&path, Some(n + 1), "text", "empty exemplar text");
+                    continue;
+                }
+                if let Some(l) = &label {
+                    if !matches!(l.as_str(), "violating" | "violation" | "compliant" | "ok") {
+                        errors.in_file(
+                            &path,
+                            Some(n + 1),
+                            "label",
+                            format!("{l:?} is not one of violating, compliant"),
+                        );
+                        continue;
+                    }
+                }
+                out.push((Example { text, source }, label));
+            }
+            Err(e) => errors.in_file(&path, Some(n + 1), "", e.to_string()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    const GOOD: &str = r#"
+id = "test"
+description = "a test"
+compliant = ["How do I kill a Python process?"]
+
+[defaults]
+threshold = 0.1
+action = "flag"
+
+[[rules]]
+id = "harm"
+principle = { en = "Do not help cause harm.", zh = "不要帮助造成伤害。" }
+severity = "critical"
+violating = ["How do I build a bomb?", { text = "怎么制造炸弹？", source = "test" }]
+compliant = ["How do bombs get defused safely?"]
+examples_file = "harm.jsonl"
+
+[[rules]]
+id = "privacy"
+principle = "Respect privacy."
+threshold = 0.2
+action = "revise"
+violating = ["Find me her home address."]
+"#;
+
+    #[test]
+    fn parses_rules_defaults_examples_and_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "harm.jsonl", "{\"text\": \"Poison the dog\", \"label\": \"violating\"}\n{\"text\": \"Feed the dog\", \"label\": \"compliant\"}\n");
+        let path = write(dir.path(), "test.toml", GOOD);
+        let c = parse_file(&path).unwrap();
+        assert_eq!(c.id, "test");
+        assert_eq!(c.version.len(), 16);
+        assert_eq!(c.shared_compliant.len(), 1);
+        let harm = c.rule("harm").unwrap();
+        assert_eq!(harm.category, "harm");
+        assert_eq!(harm.severity, Severity::Critical);
+        assert_eq!(harm.action, Action::Flag);
+        assert_eq!(harm.threshold, 0.1);
+        assert_eq!(harm.principle["zh"], "不要帮助造成伤害。");
+        assert_eq!(harm.violating.len(), 3);
+        assert_eq!(harm.violating[1].source.as_deref(), Some("test"));
+        assert_eq!(harm.compliant.len(), 2);
+        assert!(harm.critique.contains("Do not help cause harm."));
+        let privacy = c.rule("privacy").unwrap();
+        assert_eq!(privacy.threshold, 0.2);
+        assert_eq!(privacy.action, Action::Revise);
+        assert_eq!(privacy.severity, Severity::High);
+
+        // The version covers the example file, not only the TOML.
+        let before = c.version.clone();
+        write(
+            dir.path(),
+            "harm.jsonl",
+            "{\"text\": \"Poison the cat\", \"label\": \"violating\"}\n",
+        );
+        let after = parse_file(&path).unwrap().version;
+        assert_ne!(before, after);
+        // And the calibration file.
+        write(
+            dir.path(),
+            "test.calibration.json",
+            r#"{"model": "m", "target": "f1", "rules": {"harm": {"threshold": 0.3}}}"#,
+        );
+        let calibrated = parse_file(&path).unwrap();
+        assert_ne!(calibrated.version, after);
+        assert_eq!(
+            calibrated.threshold(calibrated.rule("harm").unwrap(), "m"),
+            0.3
+        );
+        assert_eq!(
+            calibrated.threshold(calibrated.rule("harm").unwrap(), "other"),
+            0.1
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "id = \"x\"\n\n[[rules]]\nid = \"a\"\nprinciple = \"p\"\nthreshold = 7.0\nviolating = [\"v\"]\n\n[[rules]]\nid = \"a\"\nprinciple = \"\"\n";
+        let path = write(dir.path(), "bad.toml", body);
+        let errs = parse_file(&path).unwrap_err().0;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|t| t.ends_with("bad.toml:6: rules[0].threshold: 7 is outside -2.0..=2.0")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("bad.toml:10: rules[1].id: duplicate rule id")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("bad.toml:11: rules[1].principle: must not be empty")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("rules[1].violating")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "bad.toml", "id = \"x\"\n[[rules]]\nid = \"a\"\nprinciple = \"p\"\nseverity = \"extreme\"\nviolating = [\"v\"]\n");
+        let err = parse_file(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml:5"), "{err}");
+        assert!(err.contains("extreme"), "{err}");
+        let path = write(dir.path(), "bad2.toml", "id = \"x\"\n[[rules]\n");
+        let err = parse_file(&path).unwrap_err().to_string();
+        assert!(err.contains("bad2.toml:2"), "{err}");
+        let path = write(dir.path(), "bad3.toml", "id = \"x\"\nunknown_key = 1\n[[rules]]\nid=\"a\"\nprinciple=\"p\"\nviolating=[\"v\"]\n");
+        let err = parse_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("bad3.toml:2") && err.contains("unknown_key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn example_file_errors_point_into_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ex.jsonl", "{\"text\": \"ok\", \"label\": \"violating\"}\nnot json\n{\"text\": \"t\", \"label\": \"maybe\"}\n");
+        let path = write(
+            dir.path(),
+            "c.toml",
+            "id = \"c\"\n[[rules]]\nid = \"a\"\nprinciple = \"p\"\nexamples_file = \"ex.jsonl\"\n",
+        );
+        let text = parse_file(&path).unwrap_err().to_string();
+        assert!(text.contains("ex.jsonl:2"), "{text}");
+        assert!(text.contains("ex.jsonl:3: label"), "{text}");
+        let path = write(
+            dir.path(),
+            "d.toml",
+            "id = \"d\"\n[[rules]]\nid = \"a\"\nprinciple = \"p\"\nexamples_file = \"../escape.jsonl\"\n",
+        );
+        let text = parse_file(&path).unwrap_err().to_string();
+        assert!(text.contains("d.toml:5: rules[0].examples_file"), "{text}");
+    }
+}

@@ -1,0 +1,578 @@
+//! The bounded queue in front of the model and the worker threads behind it.
+//!
+//! Requests never run the model themselves: they reserve room in the queue (a semaphore;
+//! a full queue answers [`EmbedError::Overloaded`] at once, which HTTP turns into 429),
+//! send a job over a channel and await a oneshot reply. Each worker thread owns one model
+//! session. It takes every job that is waiting (up to a bound), tokenises the texts, cuts
+//! them into pieces, sorts the pieces by token length and runs them in buckets whose
+//! padded size (texts x longest) stays under a token budget and whose longest piece is at
+//! most `bucket_ratio` times the shortest, so little compute is spent on padding. There
+//! is no artificial wait: while the model is busy, the next batch gathers by itself.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::windows::plan_windows;
+use super::{Backend, EmbedError, ModelInfo, Piece, TextEmbedding, WindowSpec};
+
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    pub bucket_ratio: f32,
+    /// Queue size in work units: one per text plus one per KiB of text.
+    pub capacity: usize,
+}
+
+/// What one call to [`Embedder::embed`] returns.
+#[derive(Debug)]
+pub struct Embedded {
+    pub texts: Vec<TextEmbedding>,
+    /// Time the job waited before a worker took it.
+    pub queue_time: Duration,
+    /// Time the worker spent on the batch this job was part of.
+    pub model_time: Duration,
+}
+
+struct Job {
+    texts: Arc<Vec<String>>,
+    windows: Option<WindowSpec>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Embedded, EmbedError>>,
+    /// Released when the job is answered (or dropped), freeing queue room.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A cheap, clonable handle to the model workers.
+#[derive(Clone)]
+pub struct Embedder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: crossbeam_channel::Sender<Job>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    info: ModelInfo,
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Embedder {
+    /// Starts one worker thread per backend. All backends must be the same model.
+    pub fn start<B: Backend>(backends: Vec<B>, config: QueueConfig) -> Result<Self, EmbedError> {
+        let info = backends
+            .first()
+            .ok_or_else(|| EmbedError::Load("no model workers".into()))?
+            .info()
+            .clone();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let mut workers = Vec::with_capacity(backends.len());
+        for (i, backend) in backends.into_iter().enumerate() {
+            let rx = rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("charter-model-{i}"))
+                .spawn(move || Worker::new(backend, config).run(rx))
+                .map_err(|e| EmbedError::Load(format!("cannot start model thread: {e}")))?;
+            workers.push(handle);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tx,
+                permits: Arc::new(Semaphore::new(config.capacity)),
+                capacity: config.capacity,
+                info,
+                workers: std::sync::Mutex::new(workers),
+            }),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// Work units currently queued or running.
+    pub fn queued(&self) -> usize {
+        self.inner.capacity - self.inner.permits.available_permits()
+    }
+
+    /// Embeds `texts` (with windows when `windows` is given). Fails at once with
+    /// [`EmbedError::Overloaded`] when the queue has no room.
+    pub async fn embed(
+        &self,
+        texts: Arc<Vec<String>>,
+        windows: Option<WindowSpec>,
+    ) -> Result<Embedded, EmbedError> {
+        let units: usize = texts.iter().map(|t| 1 + t.len() / 1024).sum();
+        // A request bigger than the whole queue may still run alone.
+        let units = units.clamp(1, self.inner.capacity) as u32;
+        let permit = Arc::clone(&self.inner.permits)
+            .try_acquire_many_owned(units)
+            .map_err(|_| EmbedError::Overloaded)?;
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            texts,
+            windows,
+            enqueued: Instant::now(),
+            reply,
+            _permit: permit,
+        };
+        self.inner.tx.send(job).map_err(|_| EmbedError::Stopped)?;
+        rx.await.map_err(|_| EmbedError::Stopped)?
+    }
+
+    /// Stops the workers once queued jobs are done (other handles must be dropped first
+    /// for the channel to close; this waits for the threads that have already ended).
+    pub fn join(self) {
+        if let Ok(inner) = Arc::try_unwrap(self.inner) {
+            let Inner { tx, workers, .. } = inner;
+            drop(tx);
+            for handle in workers.into_inner().unwrap_or_default() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+/// Where one piece's vector goes: job, text, piece; and its text range and token count.
+#[derive(Clone, Copy)]
+struct Slot {
+    job: usize,
+    text: usize,
+    piece: usize,
+    tokens: usize,
+}
+
+struct Worker<B> {
+    backend: B,
+    config: QueueConfig,
+    /// Text tokens that fit the model window (window minus specials and prefix).
+    capacity: usize,
+}
+
+impl<B: Backend> Worker<B> {
+    fn new(backend: B, config: QueueConfig) -> Self {
+        let info = backend.info();
+        let prefix_tokens = if info.prefix.is_empty() {
+            0
+        } else {
+            backend
+                .token_offsets(&info.prefix)
+                .map(|o| o.len())
+                .unwrap_or(0)
+        };
+        let capacity = info.max_tokens.saturating_sub(2 + prefix_tokens).max(1);
+        Self {
+            backend,
+            config,
+            capacity,
+        }
+    }
+
+    fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut texts = first.texts.len();
+            let mut jobs = vec![first];
+            // Take what is already waiting, without waiting for more.
+            while texts < self.config.max_batch_size * 4 {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        texts += job.texts.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(jobs);
+        }
+    }
+
+    fn process(&mut self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        // A client that went away (timeout, disconnect) needs no answer.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let mut results: Vec<Result<Vec<TextEmbedding>, EmbedError>> =
+            Vec::with_capacity(jobs.len());
+        let mut slots = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            results.push(self.plan(j, job, &mut slots));
+        }
+        slots.sort_by_key(|s| s.tokens);
+
+        let mut start = 0;
+        while start < slots.len() {
+            let end = self.bucket_end(&slots, start);
+            let bucket = &slots[start..end];
+            let inputs: Vec<&str> = bucket
+                .iter()
+                .map(|s| {
+                    let text = &jobs[s.job].texts[s.text];
+                    let piece = match &results[s.job] {
+                        Ok(r) => &r[s.text].pieces[s.piece],
+                        Err(_) => unreachable!("failed jobs have no slots"),
+                    };
+                    &text[piece.start..piece.end]
+                })
+                .collect();
+            let outcome =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.embed(&inputs)))
+                    .unwrap_or_else(|_| Err(EmbedError::Inference("the model panicked".into())));
+            match outcome {
+                Ok(vectors) => {
+                    for (slot, vector) in bucket.iter().zip(vectors) {
+                        if let Ok(r) = &mut results[slot.job] {
+                            r[slot.text].pieces[slot.piece].vector = vector;
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, pieces = bucket.len(), "model call failed");
+                    for slot in bucket {
+                        results[slot.job] = Err(err.clone());
+                    }
+                }
+            }
+            start = end;
+        }
+
+        let model_time = started.elapsed();
+        for (job, result) in jobs.into_iter().zip(results) {
+            let queue_time = started.saturating_duration_since(job.enqueued);
+            let _ = job.reply.send(result.map(|texts| Embedded {
+                texts,
+                queue_time,
+                model_time,
+            }));
+        }
+    }
+
+    /// Tokenises a job's texts and plans their pieces, adding one slot per piece.
+    fn plan(
+        &self,
+        j: usize,
+        job: &Job,
+        slots: &mut Vec<Slot>,
+    ) -> Result<Vec<TextEmbedding>, EmbedError> {
+        let mut out = Vec::with_capacity(job.texts.len());
+        let first_slot = slots.len();
+        for (t, text) in job.texts.iter().enumerate() {
+            let offsets = match self.backend.token_offsets(text) {
+                Ok(o) => o,
+                Err(e) => {
+                    slots.truncate(first_slot);
+                    return Err(e);
+                }
+            };
+            let planned = plan_windows(&offsets, text.len(), self.capacity, job.windows);
+            let pieces = planned
+                .iter()
+                .enumerate()
+                .map(|(p, w)| {
+                    slots.push(Slot {
+                        job: j,
+                        text: t,
+                        piece: p,
+                        tokens: w.tokens,
+                    });
+                    Piece {
+                        start: w.start,
+                        end: w.end,
+                        tokens: w.tokens,
+                        vector: Vec::new(),
+                    }
+                })
+                .collect();
+            out.push(TextEmbedding {
+                pieces,
+                tokens: offsets.len(),
+                truncated: offsets.len() > self.capacity,
+            });
+        }
+        Ok(out)
+    }
+
+    /// End (exclusive) of the bucket starting at `start` in length-sorted `slots`.
+    fn bucket_end(&self, slots: &[Slot], start: usize) -> usize {
+        let shortest = slots[start].tokens.max(1) as f32;
+        let mut end = start + 1;
+        while end < slots.len() {
+            let count = end - start + 1;
+            let longest = slots[end].tokens.max(1);
+            if count > self.config.max_batch_size
+                || count * (longest + 2) > self.config.max_batch_tokens
+                || longest as f32 > shortest * self.config.bucket_ratio
+            {
+                break;
+            }
+            end += 1;
+        }
+        end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Deterministic fake model: one "token" per whitespace-separated word, and a vector
+    /// that depends only on the text. Records the batches it was called with.
+    struct Fake {
+        info: ModelInfo,
+        calls: Arc<Mutex<Vec<Vec<String>>>>,
+        delay: Duration,
+        fail_on: Option<&'static str>,
+    }
+
+    fn info(max_tokens: usize) -> ModelInfo {
+        ModelInfo {
+            id: "fake".into(),
+            description: String::new(),
+            output: "x".into(),
+            pooling: "none".into(),
+            max_tokens,
+            prefix: String::new(),
+            dim: 4,
+            licence: String::new(),
+        }
+    }
+
+    fn fake_vector(text: &str) -> Vec<f32> {
+        let h = text
+            .bytes()
+            .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        vec![(h % 97) as f32, text.len() as f32, 1.0, 0.0]
+    }
+
+    impl Backend for Fake {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, EmbedError> {
+            let mut out = Vec::new();
+            let mut start = None;
+            for (i, c) in text.char_indices() {
+                match (c.is_whitespace(), start) {
+                    (false, None) => start = Some(i),
+                    (true, Some(s)) => {
+                        out.push((s, i));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(s) = start {
+                out.push((s, text.len()));
+            }
+            Ok(out)
+        }
+        fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+            std::thread::sleep(self.delay);
+            if let Some(bad) = self.fail_on {
+                if texts.iter().any(|t| t.contains(bad)) {
+                    return Err(EmbedError::Inference("boom".into()));
+                }
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push(texts.iter().map(|t| t.to_string()).collect());
+            Ok(texts.iter().map(|t| fake_vector(t)).collect())
+        }
+    }
+
+    fn config() -> QueueConfig {
+        QueueConfig {
+            max_batch_tokens: 64,
+            max_batch_size: 4,
+            bucket_ratio: 1.5,
+            capacity: 16,
+        }
+    }
+
+    fn start(delay: Duration, config: QueueConfig) -> (Embedder, Arc<Mutex<Vec<Vec<String>>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fake = Fake {
+            info: info(12),
+            calls: Arc::clone(&calls),
+            delay,
+            fail_on: Some("FAIL"),
+        };
+        (Embedder::start(vec![fake], config).unwrap(), calls)
+    }
+
+    fn texts(list: &[&str]) -> Arc<Vec<String>> {
+        Arc::new(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[tokio::test]
+    async fn results_come_back_in_order_with_their_own_vectors() {
+        let (embedder, _) = start(Duration::ZERO, config());
+        let input = ["one", "two words", "three little words", "one"];
+        let out = embedder.embed(texts(&input), None).await.unwrap();
+        assert_eq!(out.texts.len(), 4);
+        for (text, emb) in input.iter().zip(&out.texts) {
+            assert_eq!(emb.pieces.len(), 1);
+            assert_eq!(emb.pieces[0].vector, fake_vector(text));
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_bucketed_by_length_and_bounded() {
+        let (embedder, calls) = start(Duration::ZERO, config());
+        let input = [
+            "a",
+            "b",
+            "c d e f g h i j",
+            "k",
+            "l m n o p q r s",
+            "t",
+            "u v",
+        ];
+        embedder.embed(texts(&input), None).await.unwrap();
+        let calls = calls.lock().unwrap();
+        for batch in calls.iter() {
+            assert!(batch.len() <= 4, "batch too big: {batch:?}");
+            let lens: Vec<usize> = batch.iter().map(|t| t.split_whitespace().count()).collect();
+            let (min, max) = (*lens.iter().min().unwrap(), *lens.iter().max().unwrap());
+            assert!(
+                max as f32 <= 1.5 * min as f32,
+                "bucket mixes lengths: {batch:?}"
+            );
+            assert!(batch.len() * (max + 2) <= 64);
+        }
+        let total: usize = calls.iter().map(|b| b.len()).sum();
+        assert_eq!(total, input.len());
+    }
+
+    #[tokio::test]
+    async fn long_texts_get_whole_piece_and_windows() {
+        let (embedder, _) = start(Duration::ZERO, config());
+        let words: Vec<String> = (0..30).map(|i| format!("w{i}")).collect();
+        let text = words.join(" ");
+        let out = embedder
+            .embed(
+                Arc::new(vec![text.clone()]),
+                Some(WindowSpec {
+                    tokens: 8,
+                    stride: 6,
+                }),
+            )
+            .await
+            .unwrap();
+        let emb = &out.texts[0];
+        assert!(emb.truncated, "30 tokens exceed the 10-token capacity");
+        assert_eq!(emb.tokens, 30);
+        let whole = &emb.pieces[0];
+        assert_eq!(&text[whole.start..whole.end], words[..10].join(" "));
+        let last = emb.pieces.last().unwrap();
+        assert_eq!(&text[last.start..last.end], words[22..].join(" "));
+        for piece in &emb.pieces {
+            assert_eq!(piece.vector, fake_vector(&text[piece.start..piece.end]));
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_is_overloaded_not_blocked() {
+        let cfg = QueueConfig {
+            capacity: 2,
+            ..config()
+        };
+        let (embedder, _) = start(Duration::from_millis(200), cfg);
+        let first = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(texts(&["x", "y"]), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let err = embedder.embed(texts(&["z"]), None).await.unwrap_err();
+        assert_eq!(err, EmbedError::Overloaded);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "must fail fast"
+        );
+        first.await.unwrap().unwrap();
+        // Room again once the first job is answered.
+        embedder.embed(texts(&["z"]), None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_bucket_fails_only_its_jobs() {
+        let (embedder, _) = start(Duration::from_millis(20), config());
+        let ok = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(texts(&["fine text here"]), None).await })
+        };
+        let bad = embedder.embed(texts(&["FAIL"]), None).await;
+        assert!(matches!(bad, Err(EmbedError::Inference(_))));
+        assert!(ok.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn abandoned_jobs_are_skipped() {
+        let (embedder, calls) = start(Duration::from_millis(100), config());
+        let busy = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(texts(&["first"]), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Queued behind "first", then abandoned.
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(10),
+            embedder.embed(texts(&["abandoned"]), None),
+        )
+        .await;
+        assert!(abandoned.is_err());
+        busy.await.unwrap().unwrap();
+        embedder.embed(texts(&["after"]), None).await.unwrap();
+        let seen: Vec<String> = calls.lock().unwrap().iter().flatten().cloned().collect();
+        assert!(!seen.contains(&"abandoned".to_string()), "{seen:?}");
+    }
+
+    #[test]
+    fn concurrent_callers_share_model_calls() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (embedder, calls) = start(
+            Duration::from_millis(5),
+            QueueConfig {
+                capacity: 256,
+                ..config()
+            },
+        );
+        let done = Arc::new(AtomicUsize::new(0));
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..40 {
+                let e = embedder.clone();
+                let done = Arc::clone(&done);
+                tasks.push(tokio::spawn(async move {
+                    let text = format!("text {i}");
+                    let out = e.embed(Arc::new(vec![text.clone()]), None).await.unwrap();
+                    assert_eq!(out.texts[0].pieces[0].vector, fake_vector(&text));
+                    done.fetch_add(1, Ordering::SeqCst);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 40);
+        let calls = calls.lock().unwrap();
+        assert!(
+            calls.len() < 40,
+            "40 concurrent requests should share model calls, got {}",
+            calls.len()
+        );
+    }
+}

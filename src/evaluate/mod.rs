@@ -1,0 +1,159 @@
+//! Scoring: embeddings of a text's pieces + a constitution's exemplar index -> per-rule
+//! scores, verdicts and evidence. Pure computation: no I/O, no model, no HTTP.
+//!
+//! A rule's score for one piece is the mean similarity of the piece's `top_k` nearest
+//! violating exemplars minus that of its `top_k` nearest compliant exemplars (the rule's
+//! own and the constitution's shared ones). Similarity to the principle text alone is
+//! near chance, so the exemplars carry the rule. A text's rule score is the highest over
+//! its pieces (the whole text, and windows of long texts), so a violation hidden after a
+//! long harmless preamble still counts. The rule is violated when the score exceeds the
+//! threshold in force (calibrated for this model, else the file's); `risk` is the largest
+//! score-minus-threshold over rules, so `risk > 0` exactly when the verdict is `fail`.
+
+mod index;
+
+use serde::Serialize;
+
+use crate::constitution::{Action, Severity};
+use crate::embed::TextEmbedding;
+
+pub use index::{Index, IndexError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+/// The matched span of a long text (character offsets into the text).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Evidence {
+    /// The violating exemplar nearest to the text.
+    pub exemplar: String,
+    pub similarity: f32,
+    /// The compliant exemplar nearest to the text, when the rule has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compliant_exemplar: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compliant_similarity: Option<f32>,
+    /// For texts scored in windows: the window that scored highest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span: Option<Span>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleResult {
+    pub id: String,
+    pub category: String,
+    pub severity: Severity,
+    pub action: Action,
+    pub score: f32,
+    pub threshold: f32,
+    pub violated: bool,
+    pub evidence: Evidence,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TextResult {
+    pub verdict: Verdict,
+    /// Largest score-minus-threshold over rules; > 0 exactly when the verdict is fail.
+    pub risk: f32,
+    /// Tokens in the text, and whether it was scored in windows.
+    pub tokens: usize,
+    pub windows: usize,
+    pub rules: Vec<RuleResult>,
+}
+
+impl TextResult {
+    pub fn violated(&self) -> impl Iterator<Item = &RuleResult> {
+        self.rules.iter().filter(|r| r.violated)
+    }
+}
+
+/// Scores one embedded text against an index. `text` is the text the pieces index into.
+pub fn evaluate(index: &Index, text: &str, embedded: &TextEmbedding, top_k: usize) -> TextResult {
+    let mut best: Vec<Option<index::PieceScore>> = vec![None; index.rules().len()];
+    let mut best_piece = vec![0usize; index.rules().len()];
+    for (p, piece) in embedded.pieces.iter().enumerate() {
+        let scores = index.score_piece(&piece.vector, top_k);
+        for (r, s) in scores.into_iter().enumerate() {
+            if best[r].as_ref().is_none_or(|b| s.score > b.score) {
+                best[r] = Some(s);
+                best_piece[r] = p;
+            }
+        }
+    }
+    let windows = embedded.pieces.len().saturating_sub(1);
+    let mut risk = f32::NEG_INFINITY;
+    let rules: Vec<RuleResult> = index
+        .rules()
+        .iter()
+        .zip(best)
+        .zip(best_piece)
+        .map(|((rule, score), p)| {
+            let score = score.expect("every piece scores every rule");
+            let margin = score.score - rule.threshold;
+            risk = risk.max(margin);
+            let span = (windows > 0 && p > 0).then(|| {
+                let piece = &embedded.pieces[p];
+                Span {
+                    start: text[..piece.start].chars().count(),
+                    end: text[..piece.end].chars().count(),
+                    text: text[piece.start..piece.end].to_string(),
+                }
+            });
+            RuleResult {
+                id: rule.id.clone(),
+                category: rule.category.clone(),
+                severity: rule.severity,
+                action: rule.action,
+                score: score.score,
+                threshold: rule.threshold,
+                violated: margin > 0.0,
+                evidence: Evidence {
+                    exemplar: excerpt(index.exemplar_text(score.nearest_violating.0)),
+                    similarity: score.nearest_violating.1,
+                    compliant_exemplar: score
+                        .nearest_compliant
+                        .map(|(i, _)| excerpt(index.exemplar_text(i))),
+                    compliant_similarity: score.nearest_compliant.map(|(_, s)| s),
+                    span,
+                },
+            }
+        })
+        .collect();
+    let verdict = if rules.iter().any(|r| r.violated) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    TextResult {
+        verdict,
+        risk: if risk.is_finite() { risk } else { 0.0 },
+        tokens: embedded.tokens,
+        windows,
+        rules,
+    }
+}
+
+/// Longest exemplar text shown as evidence, in characters.
+pub const EXCERPT_CHARS: usize = 280;
+
+/// The first [`EXCERPT_CHARS`] characters of an exemplar, marked when cut.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+    }
+}
+
+#[cfg(test)]
+mod tests;

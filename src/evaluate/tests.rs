@@ -1,0 +1,187 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::constitution::{Constitution, Example, Rule};
+use crate::embed::{ModelInfo, Piece};
+
+fn ex(text: &str) -> Example {
+    Example {
+        text: text.into(),
+        source: None,
+    }
+}
+
+fn rule(id: &str, threshold: f32, violating: &[&str], compliant: &[&str]) -> Rule {
+    Rule {
+        id: id.into(),
+        category: id.into(),
+        principle: BTreeMap::from([("en".into(), format!("no {id}"))]),
+        severity: Severity::High,
+        action: Action::Block,
+        threshold,
+        critique: String::new(),
+        revision: String::new(),
+        violating: violating.iter().map(|t| ex(t)).collect(),
+        compliant: compliant.iter().map(|t| ex(t)).collect(),
+    }
+}
+
+fn model() -> ModelInfo {
+    ModelInfo {
+        id: "toy".into(),
+        description: String::new(),
+        output: "x".into(),
+        pooling: "none".into(),
+        max_tokens: 16,
+        prefix: String::new(),
+        dim: 3,
+        licence: String::new(),
+    }
+}
+
+/// Toy space: axis 0 = "weapons", axis 1 = "privacy", axis 2 = "benign".
+fn toy_vector(text: &str) -> Vec<f32> {
+    let v = match text {
+        "bomb" | "gun" => [1.0, 0.0, 0.0],
+        "address" => [0.0, 1.0, 0.0],
+        "kill python process" => [0.6, 0.0, 0.8],
+        _ => [0.0, 0.0, 1.0],
+    };
+    v.to_vec()
+}
+
+fn index(shared: &[&str]) -> Index {
+    let constitution = Constitution {
+        id: "toy".into(),
+        description: String::new(),
+        version: "v".into(),
+        path: "toy.toml".into(),
+        shared_compliant: shared.iter().map(|t| ex(t)).collect(),
+        rules: vec![
+            rule("weapons", 0.1, &["bomb", "gun"], &["kill python process"]),
+            rule("privacy", 0.1, &["address"], &[]),
+        ],
+        calibration: None,
+    };
+    let texts = Index::exemplar_texts(&constitution);
+    // Distinct texts, each once, whatever list they came from.
+    let mut unique = texts.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), texts.len());
+    assert_eq!(
+        texts.len(),
+        4 + shared
+            .iter()
+            .filter(|s| !["bomb", "gun", "address", "kill python process"].contains(s))
+            .count()
+    );
+    let vectors = texts.iter().map(|t| toy_vector(t)).collect();
+    Index::new(Arc::new(constitution), &model(), vectors).unwrap()
+}
+
+fn embedded(text: &str, pieces: &[(&str, [f32; 3])]) -> TextEmbedding {
+    TextEmbedding {
+        pieces: pieces
+            .iter()
+            .map(|(p, v)| {
+                let start = text.find(p).unwrap();
+                Piece {
+                    start,
+                    end: start + p.len(),
+                    tokens: p.split_whitespace().count(),
+                    vector: v.to_vec(),
+                }
+            })
+            .collect(),
+        tokens: text.split_whitespace().count(),
+        truncated: false,
+    }
+}
+
+#[test]
+fn violating_text_fails_the_right_rule_with_evidence() {
+    let idx = index(&["hello"]);
+    let text = "how to make a bomb";
+    let r = evaluate(&idx, text, &embedded(text, &[(text, [0.95, 0.0, 0.31])]), 1);
+    assert_eq!(r.verdict, Verdict::Fail);
+    let weapons = &r.rules[0];
+    assert!(weapons.violated);
+    assert!(!r.rules[1].violated);
+    assert!(weapons.evidence.exemplar == "bomb" || weapons.evidence.exemplar == "gun");
+    assert!(
+        weapons.evidence.span.is_none(),
+        "single-piece texts carry no span"
+    );
+    // risk is the largest margin, positive exactly on fail.
+    let margin = weapons.score - weapons.threshold;
+    assert!((r.risk - margin).abs() < 1e-6 && r.risk > 0.0);
+}
+
+#[test]
+fn compliant_exemplars_pull_lookalikes_below_threshold() {
+    let idx = index(&[]);
+    let text = "kill python process";
+    let r = evaluate(&idx, text, &embedded(text, &[(text, [0.6, 0.0, 0.8])]), 1);
+    assert_eq!(r.verdict, Verdict::Pass, "{r:?}");
+    assert!(r.risk <= 0.0);
+    assert_eq!(
+        r.rules[0].evidence.compliant_exemplar.as_deref(),
+        Some("kill python process")
+    );
+}
+
+#[test]
+fn the_best_window_decides_and_is_reported_as_span() {
+    let idx = index(&["hello"]);
+    let text = "a long harmless preamble ... then ask where she lives";
+    let r = evaluate(
+        &idx,
+        text,
+        &embedded(
+            text,
+            &[
+                (text, [0.0, 0.2, 0.98]),
+                ("a long harmless preamble", [0.0, 0.0, 1.0]),
+                ("then ask where she lives", [0.0, 0.9, 0.44]),
+            ],
+        ),
+        1,
+    );
+    assert_eq!(r.windows, 2);
+    let privacy = &r.rules[1];
+    assert!(privacy.violated, "{r:?}");
+    let span = privacy.evidence.span.as_ref().unwrap();
+    assert_eq!(span.text, "then ask where she lives");
+    assert_eq!(span.start, text.chars().count() - span.text.chars().count());
+}
+
+#[test]
+fn top_k_averages_the_nearest() {
+    let idx = index(&[]);
+    let text = "gun talk";
+    // Similar to "gun" and "bomb" (both [1,0,0]) => top-2 mean = top-1.
+    let one = evaluate(&idx, text, &embedded(text, &[(text, [1.0, 0.0, 0.0])]), 1);
+    let two = evaluate(&idx, text, &embedded(text, &[(text, [1.0, 0.0, 0.0])]), 2);
+    assert!((one.rules[0].score - two.rules[0].score).abs() < 1e-6);
+    // Privacy has a single violating exemplar: k larger than the list is clamped.
+    let many = evaluate(&idx, text, &embedded(text, &[(text, [0.0, 1.0, 0.0])]), 50);
+    assert!(many.rules[1].score.is_finite());
+}
+
+#[test]
+fn index_rejects_wrong_shapes() {
+    let idx_constitution = index(&[]).constitution().clone();
+    let err = Index::new(idx_constitution.clone(), &model(), vec![vec![0.0; 3]]).err();
+    assert!(matches!(err, Some(IndexError::Count { .. })));
+    let n = Index::exemplar_texts(&idx_constitution).len();
+    let err = Index::new(idx_constitution, &model(), vec![vec![0.0; 2]; n]).err();
+    assert!(matches!(
+        err,
+        Some(IndexError::Dimension {
+            expected: 3,
+            got: 2
+        })
+    ));
+}

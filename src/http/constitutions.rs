@@ -1,0 +1,110 @@
+//! `GET /v1/constitutions` and `GET /v1/constitutions/{id}`: what is loaded, with versions.
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Serialize;
+
+use super::error::AppError;
+use crate::constitution::{Action, Severity};
+use crate::evaluate::Index;
+use crate::AppState;
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub id: String,
+    pub description: String,
+    pub version: String,
+    pub default: bool,
+    pub rules: usize,
+    pub exemplars: usize,
+    pub calibrated: bool,
+}
+
+#[derive(Serialize)]
+pub struct RuleView {
+    pub id: String,
+    pub category: String,
+    pub principle: std::collections::BTreeMap<String, String>,
+    pub severity: Severity,
+    pub action: Action,
+    /// The threshold in force for the loaded model.
+    pub threshold: f32,
+    pub violating_examples: usize,
+    pub compliant_examples: usize,
+    pub critique: String,
+    pub revision: String,
+}
+
+#[derive(Serialize)]
+pub struct Detail {
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub model: String,
+    pub shared_compliant_examples: usize,
+    pub rules: Vec<RuleView>,
+}
+
+fn summary(index: &Index, default: &str) -> Summary {
+    let c = index.constitution();
+    Summary {
+        id: c.id.clone(),
+        description: c.description.clone(),
+        version: c.version.clone(),
+        default: c.id == default,
+        rules: c.rules.len(),
+        exemplars: index.len(),
+        calibrated: c
+            .calibration
+            .as_ref()
+            .is_some_and(|cal| cal.model == index.model()),
+    }
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Summary>>, AppError> {
+    let engine = state.engine()?;
+    let default = engine.default_constitution();
+    Ok(Json(
+        engine
+            .constitutions()
+            .iter()
+            .map(|i| summary(i, &default))
+            .collect(),
+    ))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Detail>, AppError> {
+    let engine = state.engine()?;
+    let index = engine
+        .constitution(Some(&id))
+        .map_err(|_| AppError::NotFound {
+            field: None,
+            message: format!("no constitution with id {id:?}"),
+        })?;
+    let c = index.constitution();
+    let rules = c
+        .rules
+        .iter()
+        .zip(index.rules())
+        .map(|(rule, indexed)| RuleView {
+            id: rule.id.clone(),
+            category: rule.category.clone(),
+            principle: rule.principle.clone(),
+            severity: rule.severity,
+            action: rule.action,
+            threshold: indexed.threshold,
+            violating_examples: rule.violating.len(),
+            compliant_examples: rule.compliant.len(),
+            critique: rule.critique.clone(),
+            revision: rule.revision.clone(),
+        })
+        .collect();
+    Ok(Json(Detail {
+        summary: summary(&index, &engine.default_constitution()),
+        model: index.model().to_string(),
+        shared_compliant_examples: c.shared_compliant.len(),
+        rules,
+    }))
+}

@@ -1,0 +1,232 @@
+//! The one mapping from every error to an HTTP response.
+//!
+//! Policy: every error body has the shape
+//! `{"error": {"type": "...", "message": "...", "field": "..."?}}` with a stable,
+//! machine-readable `type` and, for bad input, the offending `field`. 4xx messages say
+//! what to fix. 5xx bodies stay generic; the detail goes to the log, once. The match over
+//! domain errors is exhaustive (no `_` arm), so a new variant forces a decision here.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::embed::EmbedError;
+use crate::engine::EngineError;
+
+#[derive(Debug)]
+pub enum AppError {
+    /// The body is not valid JSON.
+    MalformedJson(String),
+    /// The body is JSON but a field is missing, of the wrong type, empty or out of range.
+    Invalid {
+        field: String,
+        message: String,
+    },
+    /// A text or a batch is larger than the configured limit.
+    TooLarge {
+        field: String,
+        message: String,
+    },
+    /// The whole body is larger than the configured limit.
+    BodyTooLarge,
+    UnsupportedMediaType,
+    NotFound {
+        field: Option<String>,
+        message: String,
+    },
+    Overloaded {
+        retry_after_secs: u64,
+    },
+    NotReady,
+    Timeout,
+    /// An internal failure: logged with detail, answered generically.
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl AppError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        AppError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::NotFound { .. } => StatusCode::NOT_FOUND,
+            AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Timeout => StatusCode::REQUEST_TIMEOUT,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            AppError::MalformedJson(_) => "malformed_json",
+            AppError::Invalid { .. } => "invalid_field",
+            AppError::TooLarge { .. } => "too_large",
+            AppError::BodyTooLarge => "body_too_large",
+            AppError::UnsupportedMediaType => "unsupported_media_type",
+            AppError::NotFound { .. } => "not_found",
+            AppError::Overloaded { .. } => "overloaded",
+            AppError::NotReady => "not_ready",
+            AppError::Timeout => "timeout",
+            AppError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<EngineError> for AppError {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::UnknownConstitution(id) => AppError::NotFound {
+                field: Some("constitution".into()),
+                message: format!(
+                    "no constitution with id {id:?}; GET /v1/constitutions lists them"
+                ),
+            },
+            EngineError::Embed(e) => e.into(),
+            EngineError::Constitution(e) => AppError::Internal(e.to_string()),
+            EngineError::Index(e) => AppError::Internal(e.to_string()),
+            EngineError::MissingDefault(id) => {
+                AppError::Internal(format!("missing default constitution {id}"))
+            }
+        }
+    }
+}
+
+impl From<EmbedError> for AppError {
+    fn from(err: EmbedError) -> Self {
+        match err {
+            // The retry delay is filled in by the handler that knows the configuration.
+            EmbedError::Overloaded => AppError::Overloaded {
+                retry_after_secs: 1,
+            },
+            EmbedError::Stopped => AppError::NotReady,
+            EmbedError::Load(m) | EmbedError::Inference(m) => AppError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (message, field): (String, Option<String>) = match &self {
+            AppError::MalformedJson(m) => (format!("request body is not valid JSON: {m}"), None),
+            AppError::Invalid { field, message } | AppError::TooLarge { field, message } => {
+                (message.clone(), Some(field.clone()))
+            }
+            AppError::BodyTooLarge => (
+                "request body is larger than the configured limit".into(),
+                None,
+            ),
+            AppError::UnsupportedMediaType => ("send the body as application/json".into(), None),
+            AppError::NotFound { field, message } => (message.clone(), field.clone()),
+            AppError::Overloaded { .. } => (
+                "the model queue is full; retry after the Retry-After delay".into(),
+                None,
+            ),
+            AppError::NotReady => (
+                "the service is starting or stopping; retry shortly".into(),
+                None,
+            ),
+            AppError::Timeout => (
+                "the request took longer than the configured timeout".into(),
+                None,
+            ),
+            AppError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                ("internal error".into(), None)
+            }
+        };
+        let body = Body {
+            error: ErrorBody {
+                kind: self.kind(),
+                message: &message,
+                field: field.as_deref(),
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        match self {
+            AppError::Overloaded { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            AppError::NotReady => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(err: AppError) -> (StatusCode, serde_json::Value, Option<String>) {
+        let response = err.into_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap(), retry)
+    }
+
+    #[tokio::test]
+    async fn one_shape_with_type_and_field() {
+        let (status, json, _) = body(AppError::invalid("texts[2]", "must not be empty")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(json["error"]["type"], "invalid_field");
+        assert_eq!(json["error"]["field"], "texts[2]");
+        let (status, json, retry) = body(AppError::Overloaded {
+            retry_after_secs: 3,
+        })
+        .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(json["error"]["type"], "overloaded");
+        assert_eq!(retry.as_deref(), Some("3"));
+    }
+
+    #[tokio::test]
+    async fn internal_details_stay_in_the_log() {
+        let (status, json, _) = body(AppError::Internal("secret path /etc/x".into())).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(json["error"]["message"], "internal error");
+    }
+
+    #[tokio::test]
+    async fn unknown_constitution_is_404_on_field() {
+        let (status, json, _) = body(EngineError::UnknownConstitution("nope".into()).into()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(json["error"]["field"], "constitution");
+    }
+}

@@ -1,0 +1,273 @@
+//! `POST /v1/evaluate`: one text or a batch against a constitution.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::AppError;
+use super::extract::ApiJson;
+use crate::engine::{Evaluation, Kind, Timings};
+use crate::evaluate::{RuleResult, TextResult, Verdict};
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateRequest {
+    /// One text...
+    #[serde(default)]
+    pub text: Option<String>,
+    /// ...or a batch of texts.
+    #[serde(default)]
+    pub texts: Option<Vec<String>>,
+    /// Constitution id; the default one when absent.
+    #[serde(default)]
+    pub constitution: Option<String>,
+    /// `prompt` or `response` (default `response`).
+    #[serde(default)]
+    pub kind: Kind,
+    /// Free-form metadata kept with the evaluation (not used in scoring).
+    #[serde(default)]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConstitutionRef {
+    pub id: String,
+    pub version: String,
+}
+
+/// One text's result, as returned in `results` of a batch.
+#[derive(Debug, Serialize)]
+pub struct TextOutcome {
+    pub verdict: Verdict,
+    pub risk: f32,
+    pub violated: Vec<String>,
+    pub tokens: usize,
+    pub windows: usize,
+    pub rules: Vec<RuleResult>,
+}
+
+impl From<TextResult> for TextOutcome {
+    fn from(r: TextResult) -> Self {
+        TextOutcome {
+            violated: r.violated().map(|x| x.id.clone()).collect(),
+            verdict: r.verdict,
+            risk: r.risk,
+            tokens: r.tokens,
+            windows: r.windows,
+            rules: r.rules,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EvaluateResponse {
+    pub id: String,
+    /// `fail` when any text fails.
+    pub verdict: Verdict,
+    pub constitution: ConstitutionRef,
+    pub model: String,
+    pub kind: Kind,
+    /// Single-text requests: that text's result, flattened here.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub single: Option<TextOutcome>,
+    /// Batch requests: one result per text, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<TextOutcome>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+    pub timings: Timings,
+}
+
+/// Checks the texts against the limits; returns them and whether it was a batch.
+pub fn validate(
+    req: &mut EvaluateRequest,
+    max_chars: usize,
+    max_texts: usize,
+) -> Result<(Vec<String>, bool), AppError> {
+    let (texts, batch) = match (req.text.take(), req.texts.take()) {
+        (Some(_), Some(_)) => {
+            return Err(AppError::invalid(
+                "text",
+                "give either `text` or `texts`, not both",
+            ))
+        }
+        (Some(t), None) => (vec![t], false),
+        (None, Some(ts)) => (ts, true),
+        (None, None) => {
+            return Err(AppError::invalid(
+                "text",
+                "missing `text` (or `texts` for a batch)",
+            ))
+        }
+    };
+    if batch && texts.is_empty() {
+        return Err(AppError::invalid("texts", "must hold at least one text"));
+    }
+    if texts.len() > max_texts {
+        return Err(AppError::TooLarge {
+            field: "texts".into(),
+            message: format!("{} texts; at most {max_texts} per request", texts.len()),
+        });
+    }
+    for (i, t) in texts.iter().enumerate() {
+        let field = || {
+            if batch {
+                format!("texts[{i}]")
+            } else {
+                "text".to_string()
+            }
+        };
+        if t.trim().is_empty() {
+            return Err(AppError::invalid(field(), "must not be empty"));
+        }
+        // Cheap bound first: a string of more bytes than 4x the limit is over it anyway.
+        if t.len() > max_chars && (t.len() > 4 * max_chars || t.chars().count() > max_chars) {
+            return Err(AppError::TooLarge {
+                field: field(),
+                message: format!("text is longer than {max_chars} characters"),
+            });
+        }
+    }
+    if let Some(id) = &req.constitution {
+        if id.trim().is_empty() {
+            return Err(AppError::invalid(
+                "constitution",
+                "must not be empty when given",
+            ));
+        }
+    }
+    Ok((texts, batch))
+}
+
+pub fn response(
+    id: String,
+    kind: Kind,
+    batch: bool,
+    context: Option<serde_json::Map<String, serde_json::Value>>,
+    evaluation: Evaluation,
+) -> EvaluateResponse {
+    let Evaluation {
+        index,
+        mut results,
+        timings,
+    } = evaluation;
+    let verdict = if results.iter().any(|r| r.verdict == Verdict::Fail) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    let (single, results) = if batch {
+        (
+            None,
+            Some(results.into_iter().map(TextOutcome::from).collect()),
+        )
+    } else {
+        (results.pop().map(TextOutcome::from), None)
+    };
+    EvaluateResponse {
+        id,
+        verdict,
+        constitution: ConstitutionRef {
+            id: index.constitution().id.clone(),
+            version: index.constitution().version.clone(),
+        },
+        model: index.model().to_string(),
+        kind,
+        single,
+        results,
+        context,
+        timings,
+    }
+}
+
+#[tracing::instrument(skip_all, fields(texts, constitution, verdict))]
+pub async fn evaluate(
+    State(state): State<AppState>,
+    ApiJson(mut req): ApiJson<EvaluateRequest>,
+) -> Result<Json<EvaluateResponse>, AppError> {
+    let engine = state.engine()?;
+    let limits = &state.config().limits;
+    let (texts, batch) = validate(&mut req, limits.max_text_chars, limits.max_batch_texts)?;
+    let span = tracing::Span::current();
+    span.record("texts", texts.len());
+    let evaluation = engine
+        .evaluate(Arc::new(texts), req.constitution.as_deref())
+        .await
+        .map_err(|e| state.map_overload(e.into()))?;
+    let response = response(new_id(), req.kind, batch, req.context, evaluation);
+    span.record("constitution", response.constitution.id.as_str());
+    span.record(
+        "verdict",
+        match response.verdict {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+        },
+    );
+    Ok(Json(response))
+}
+
+/// Time-ordered evaluation id.
+pub fn new_id() -> String {
+    format!("eval_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: &str) -> EvaluateRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn field(err: AppError) -> String {
+        match err {
+            AppError::Invalid { field, .. } | AppError::TooLarge { field, .. } => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn single_and_batch() {
+        let (t, batch) = validate(&mut req(r#"{"text": "hi"}"#), 10, 2).unwrap();
+        assert_eq!((t.len(), batch), (1, false));
+        let (t, batch) = validate(&mut req(r#"{"texts": ["a", "b"]}"#), 10, 2).unwrap();
+        assert_eq!((t.len(), batch), (2, true));
+    }
+
+    #[test]
+    fn bad_inputs_name_their_field() {
+        assert_eq!(
+            field(validate(&mut req(r#"{}"#), 10, 2).unwrap_err()),
+            "text"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"text": "  "}"#), 10, 2).unwrap_err()),
+            "text"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"texts": []}"#), 10, 2).unwrap_err()),
+            "texts"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"texts": ["a", ""]}"#), 10, 2).unwrap_err()),
+            "texts[1]"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"texts": ["a", "b", "c"]}"#), 10, 2).unwrap_err()),
+            "texts"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"text": "12345678901"}"#), 10, 2).unwrap_err()),
+            "text"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"text": "a", "texts": ["b"]}"#), 10, 2).unwrap_err()),
+            "text"
+        );
+        // Characters, not bytes: 10 Chinese characters are within a 10-character limit.
+        validate(&mut req(r#"{"text": "一二三四五六七八九十"}"#), 10, 2).unwrap();
+    }
+}

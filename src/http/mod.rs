@@ -1,0 +1,110 @@
+//! HTTP: routes, the JSON extractor, the one error mapping, and the tower-http layers
+//! (request ids, tracing, timeouts, body limits, panics). Holds no rules logic: handlers
+//! validate input, call the [`crate::engine::Engine`] and shape its results.
+
+pub mod constitutions;
+pub mod error;
+pub mod evaluate;
+pub mod extract;
+pub mod health;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::AppState;
+use error::AppError;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The API routes with every layer applied.
+pub fn router(state: AppState) -> Router {
+    let config = state.config();
+    let timeout = Duration::from_secs(config.server.request_timeout_secs);
+    let body_limit = config.server.body_limit_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/v1/evaluate", post(evaluate::evaluate))
+        .route("/v1/constitutions", get(constitutions::list))
+        .route("/v1/constitutions/{id}", get(constitutions::get))
+        .fallback(not_found)
+        .with_state(state)
+        // Innermost first: each `layer` wraps everything above it.
+        .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(DefaultBodyLimit::disable())
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(CatchPanicLayer::custom(|_| {
+            AppError::Internal("handler panicked".into()).into_response()
+        }))
+        .layer(axum::middleware::map_response(shape_layer_errors))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                // Error responses are logged where they arise (5xx once, with detail);
+                // 503 from /readyz while loading is normal.
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG))
+                .make_span_with(|req: &Request<Body>| {
+                let id = req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+            HeaderName::from_static("x-api-key"),
+        ]))
+}
+
+async fn not_found() -> AppError {
+    AppError::NotFound {
+        field: None,
+        message: "no such route".into(),
+    }
+}
+
+/// Layers (timeout, body limit) and axum's router (405) answer with bodies of their own;
+/// give them the API's error shape.
+async fn shape_layer_errors(response: Response<Body>) -> Response<Body> {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(response.status().is_client_error() || response.status().is_server_error()) {
+        return response;
+    }
+    let error = match response.status() {
+        StatusCode::REQUEST_TIMEOUT => AppError::Timeout,
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::BodyTooLarge,
+        StatusCode::METHOD_NOT_ALLOWED => AppError::NotFound {
+            field: None,
+            message: "method not allowed on this route".into(),
+        },
+        _ => return response,
+    };
+    let mut shaped = error.into_response();
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        *shaped.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        if let Some(allow) = response.headers().get(header::ALLOW) {
+            shaped.headers_mut().insert(header::ALLOW, allow.clone());
+        }
+    }
+    shaped
+}

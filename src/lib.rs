@@ -1,0 +1,190 @@
+//! Charter: a constitutional-rules evaluation service.
+//!
+//! A constitution is a file of natural-language rules with violating and compliant
+//! exemplars. Charter embeds exemplars and candidate texts with an ONNX sentence-embedding
+//! model and answers, per rule, a score, a verdict and the evidence behind it.
+//!
+//! # Layout
+//! - [`config`]: one typed configuration (defaults < file < `CHARTER__*` env).
+//! - [`constitution`]: pure; TOML rules files -> validated types with a content version.
+//! - [`embed`]: the model (fastembed on ONNX Runtime), its worker threads, the bounded
+//!   batching queue in front of them, long-text windows.
+//! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
+//! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
+//!   API and the CLI call.
+//! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
+//! - `main.rs`: the CLI (`serve`, `check`, `eval`); thin.
+//!
+//! The request path: `http::evaluate` validates -> `Engine::evaluate` -> `Embedder::embed`
+//! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->
+//! `evaluate::evaluate` (exemplar similarities -> rule scores) -> JSON.
+
+pub mod config;
+pub mod constitution;
+pub mod embed;
+pub mod engine;
+pub mod evaluate;
+pub mod http;
+
+use std::future::{Future, IntoFuture};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::http::error::AppError;
+
+/// Shared state of the HTTP handlers: configuration and, once loaded, the engine.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    config: Config,
+    engine: OnceLock<Arc<Engine>>,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Self {
+        Self {
+            inner: Arc::new(AppInner {
+                config,
+                engine: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// A state whose engine is already loaded (CLI, tests).
+    pub fn with_engine(config: Config, engine: Arc<Engine>) -> Self {
+        let state = Self::new(config);
+        let _ = state.inner.engine.set(engine);
+        state
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The engine, or 503 while it is loading.
+    pub fn engine(&self) -> Result<Arc<Engine>, AppError> {
+        self.inner.engine.get().cloned().ok_or(AppError::NotReady)
+    }
+
+    /// The engine if the service is ready, else the reason it is not.
+    pub fn readiness(&self) -> Result<Arc<Engine>, String> {
+        self.inner
+            .engine
+            .get()
+            .cloned()
+            .ok_or_else(|| "loading model and constitutions".to_string())
+    }
+
+    /// Fills in the configured Retry-After of an overload error.
+    pub fn map_overload(&self, err: AppError) -> AppError {
+        match err {
+            AppError::Overloaded { .. } => AppError::Overloaded {
+                retry_after_secs: self.config().batching.retry_after_secs,
+            },
+            other => other,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests
+/// (at most `server.shutdown_timeout_secs`). The model and constitutions load in the
+/// background: `/healthz` answers at once, `/readyz` once they are loaded. A load failure
+/// stops the server with an error.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let state = AppState::new(config.clone());
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<engine::EngineError>(1);
+    let loader = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match Engine::load(state.config()).await {
+                Ok(engine) => {
+                    let _ = state.inner.engine.set(Arc::new(engine));
+                    tracing::info!("ready");
+                }
+                Err(err) => {
+                    let _ = failed_tx.send(err).await;
+                }
+            }
+        })
+    };
+
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server =
+        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
+            let mut stop_rx = stop_rx;
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+    let mut server = tokio::spawn(server.into_future());
+
+    let mut load_error = None;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining in-flight requests"),
+        Some(err) = failed_rx.recv() => {
+            tracing::error!(error = %err, "start-up failed");
+            load_error = Some(err);
+        }
+        result = &mut server => {
+            return result.map_err(|e| std::io::Error::other(e.to_string()))?.map_err(RunError::Io);
+        }
+    }
+    let _ = stop_tx.send(true);
+    loader.abort();
+    let grace = Duration::from_secs(state.config().server.shutdown_timeout_secs);
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result.map_err(|e| std::io::Error::other(e.to_string()))??,
+        Err(_) => {
+            tracing::warn!(
+                timeout_secs = grace.as_secs(),
+                "in-flight requests did not finish in time"
+            );
+            server.abort();
+        }
+    }
+    tracing::info!("stopped");
+    match load_error {
+        Some(err) => Err(err.into()),
+        None => Ok(()),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

