@@ -12,6 +12,7 @@
 //! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
+//! - [`audit`]: the audit record of every answered evaluation and the sink it goes to.
 //! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
 //! - `main.rs`: the CLI (`serve`, `check`, `eval`); thin.
 //!
@@ -19,6 +20,7 @@
 //! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->
 //! `evaluate::evaluate` (exemplar similarities -> rule scores) -> JSON.
 
+pub mod audit;
 pub mod config;
 pub mod constitution;
 pub mod embed;
@@ -32,6 +34,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::error::AppError;
@@ -45,27 +48,34 @@ pub struct AppState {
 struct AppInner {
     config: Config,
     engine: OnceLock<Arc<Engine>>,
+    audit: Arc<dyn AuditSink>,
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, audit: Arc<dyn AuditSink>) -> Self {
         Self {
             inner: Arc::new(AppInner {
                 config,
                 engine: OnceLock::new(),
+                audit,
             }),
         }
     }
 
     /// A state whose engine is already loaded (CLI, tests).
-    pub fn with_engine(config: Config, engine: Arc<Engine>) -> Self {
-        let state = Self::new(config);
+    pub fn with_engine(config: Config, engine: Arc<Engine>, audit: Arc<dyn AuditSink>) -> Self {
+        let state = Self::new(config, audit);
         let _ = state.inner.engine.set(engine);
         state
     }
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Where audit records go.
+    pub fn audit(&self) -> &dyn AuditSink {
+        self.inner.audit.as_ref()
     }
 
     /// The engine, or 503 while it is loading.
@@ -110,7 +120,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let state = AppState::new(config.clone());
+    let state = AppState::new(config.clone(), Arc::new(audit::LogSink));
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<engine::EngineError>(1);
     let loader = {
         let state = state.clone();

@@ -124,9 +124,7 @@ mod tests {
         // Every token is inside some window.
         for t in 0..10 {
             assert!(
-                p[1..]
-                    .iter()
-                    .any(|w| w.start <= 2 * t && 2 * t < w.end),
+                p[1..].iter().any(|w| w.start <= 2 * t && 2 * t < w.end),
                 "token {t}"
             );
         }

@@ -1,13 +1,16 @@
 //! `POST /v1/evaluate`: one text or a batch against a constitution.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
 use super::extract::ApiJson;
+use crate::audit::{AuditRecord, Source};
 use crate::engine::{Evaluation, Kind, Timings};
 use crate::evaluate::{RuleResult, TextResult, Verdict};
 use crate::AppState;
@@ -186,18 +189,45 @@ pub fn response(
 #[tracing::instrument(skip_all, fields(texts, constitution, verdict))]
 pub async fn evaluate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(mut req): ApiJson<EvaluateRequest>,
 ) -> Result<Json<EvaluateResponse>, AppError> {
+    let started = Instant::now();
     let engine = state.engine()?;
     let limits = &state.config().limits;
     let (texts, batch) = validate(&mut req, limits.max_text_chars, limits.max_batch_texts)?;
     let span = tracing::Span::current();
     span.record("texts", texts.len());
+    let texts = Arc::new(texts);
     let evaluation = engine
-        .evaluate(Arc::new(texts), req.constitution.as_deref())
+        .evaluate(Arc::clone(&texts), req.constitution.as_deref())
         .await
         .map_err(|e| state.map_overload(e.into()))?;
-    let response = response(new_id(), req.kind, batch, req.context, evaluation);
+    let id = new_id();
+    // Recorded before the response leaves: an answered evaluation is never missing
+    // from the audit log.
+    let key_id = client_key_id(&headers);
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    let context = req.context.clone().map(serde_json::Value::Object);
+    for (i, (text, result)) in texts.iter().zip(&evaluation.results).enumerate() {
+        state.audit().record(AuditRecord::from_result(
+            if batch {
+                format!("{id}.{i}")
+            } else {
+                id.clone()
+            },
+            Source::Api,
+            key_id.clone(),
+            evaluation.index.constitution(),
+            evaluation.index.model(),
+            req.kind,
+            text,
+            result,
+            latency_ms,
+            context.clone(),
+        ));
+    }
+    let response = response(id, req.kind, batch, req.context, evaluation);
     span.record("constitution", response.constitution.id.as_str());
     span.record(
         "verdict",
@@ -207,6 +237,29 @@ pub async fn evaluate(
         },
     );
     Ok(Json(response))
+}
+
+/// A stable, non-secret id for the API key a request carried (`x-api-key` or
+/// `Authorization: Bearer`): `key_` and 12 hex digits of its sha256.
+pub fn client_key_id(headers: &HeaderMap) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })?
+        .trim();
+    if key.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "key_{}",
+        &hex::encode(Sha256::digest(key.as_bytes()))[..12]
+    ))
 }
 
 /// Time-ordered evaluation id.
@@ -227,6 +280,22 @@ mod tests {
             AppError::Invalid { field, .. } | AppError::TooLarge { field, .. } => field,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn key_ids_hide_the_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(client_key_id(&h), None);
+        h.insert("x-api-key", "sk-secret-1".parse().unwrap());
+        let a = client_key_id(&h).unwrap();
+        assert!(a.starts_with("key_") && !a.contains("secret"));
+        let mut h2 = HeaderMap::new();
+        h2.insert("authorization", "Bearer sk-secret-1".parse().unwrap());
+        assert_eq!(
+            client_key_id(&h2).unwrap(),
+            a,
+            "same key, same id, either header"
+        );
     }
 
     #[test]

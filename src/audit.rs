@@ -1,0 +1,150 @@
+//! What an evaluation leaves behind: the audit record, and the sink it is handed to.
+//!
+//! Every answered evaluation (API or gateway) becomes one [`AuditRecord`], handed to the
+//! [`AuditSink`] *before* the response is sent. `record` must not block or fail the
+//! request: the sink owns durability (queueing, batching, spooling) off the request path.
+//! This module only defines the record and the seam; `store` implements the sink.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Kind;
+use crate::evaluate::{TextResult, Verdict};
+
+/// Where an evaluation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Api,
+    Gateway,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Api => "api",
+            Source::Gateway => "gateway",
+        }
+    }
+}
+
+/// One rule's outcome, as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordedRule {
+    pub id: String,
+    pub score: f32,
+    pub threshold: f32,
+    pub violated: bool,
+    /// Evidence of a violated rule (exemplar, similarity, span), as the API showed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
+}
+
+/// One evaluated text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unique and idempotent: writing the same id twice keeps one record.
+    pub id: String,
+    /// RFC 3339 UTC time the evaluation was answered.
+    pub time: String,
+    pub source: Source,
+    /// The client's key id (never the key itself), when the request carried one.
+    pub client_key_id: Option<String>,
+    pub constitution_id: String,
+    pub constitution_version: String,
+    pub model: String,
+    pub kind: Kind,
+    pub verdict: Verdict,
+    pub risk: f32,
+    pub rules: Vec<RecordedRule>,
+    pub latency_ms: f64,
+    /// The evaluated text; the store keeps it, a salted hash or nothing, per its privacy
+    /// setting.
+    pub text: String,
+    /// Request metadata (`context` of the API; for the gateway what was checked and the
+    /// action taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Value>,
+}
+
+impl AuditRecord {
+    /// The record of one text's result.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_result(
+        id: String,
+        source: Source,
+        client_key_id: Option<String>,
+        constitution: &crate::constitution::Constitution,
+        model: &str,
+        kind: Kind,
+        text: &str,
+        result: &TextResult,
+        latency_ms: f64,
+        context: Option<serde_json::Value>,
+    ) -> Self {
+        AuditRecord {
+            id,
+            time: now_rfc3339(),
+            source,
+            client_key_id,
+            constitution_id: constitution.id.clone(),
+            constitution_version: constitution.version.clone(),
+            model: model.to_string(),
+            kind,
+            verdict: result.verdict,
+            risk: result.risk,
+            rules: result
+                .rules
+                .iter()
+                .map(|r| RecordedRule {
+                    id: r.id.clone(),
+                    score: r.score,
+                    threshold: r.threshold,
+                    violated: r.violated,
+                    evidence: r
+                        .violated
+                        .then(|| serde_json::to_value(&r.evidence).unwrap_or_default()),
+                })
+                .collect(),
+            latency_ms,
+            text: text.to_string(),
+            context,
+        }
+    }
+}
+
+/// Receives every audit record. Implementations must return quickly and never lose a
+/// record silently.
+pub trait AuditSink: Send + Sync + 'static {
+    fn record(&self, record: AuditRecord);
+}
+
+/// Writes each record to the log (without its text). Used until a database store is
+/// configured.
+pub struct LogSink;
+
+impl AuditSink for LogSink {
+    fn record(&self, r: AuditRecord) {
+        let violated: Vec<&str> = r
+            .rules
+            .iter()
+            .filter(|x| x.violated)
+            .map(|x| x.id.as_str())
+            .collect();
+        tracing::info!(
+            target: "charter::audit",
+            id = %r.id,
+            source = r.source.as_str(),
+            constitution = %r.constitution_id,
+            version = %r.constitution_version,
+            verdict = ?r.verdict,
+            violated = ?violated,
+            latency_ms = r.latency_ms,
+            "evaluation"
+        );
+    }
+}
+
+/// Current UTC time as RFC 3339 with milliseconds.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
