@@ -11,6 +11,7 @@
 //! score-minus-threshold over rules, so `risk > 0` exactly when the verdict is `fail`.
 
 mod index;
+pub mod metrics;
 
 use serde::Serialize;
 
