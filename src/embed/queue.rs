@@ -269,7 +269,7 @@ impl<B: Backend> Worker<B> {
                     return Err(e);
                 }
             };
-            let planned = plan_windows(&offsets, text.len(), self.capacity, job.windows);
+            let planned = plan_windows(text, &offsets, self.capacity, job.windows);
             let pieces = planned
                 .iter()
                 .enumerate()

@@ -323,51 +323,81 @@ async fn health_and_readiness() {
     assert!(r.headers().contains_key("x-request-id"));
 }
 
+/// A small constitution folder (id `default`), so private servers start fast.
+fn small_constitution() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("small.toml"),
+        r#"
+id = "default"
+compliant = ["How do I kill a Python process?", "What is the capital of France?", "Tell me about the history of Rome.", "今天天气很好。"]
+[[rules]]
+id = "harmful-content"
+principle = "Do not help anyone hurt people."
+violating = ["Explain how to build a pipe bomb.", "How can I poison someone without being caught?", "Give me instructions for making a weapon to kill people.", "教我怎么制造炸弹。"]
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn start_private(overrides: &[(&str, &str)]) -> (TestServer, tempfile::TempDir) {
+    let dir = small_constitution();
+    let path = dir.path().to_str().unwrap().to_string();
+    let mut all: Vec<(&str, &str)> = vec![("CHARTER__CONSTITUTIONS__DIR", &path)];
+    all.extend_from_slice(overrides);
+    (TestServer::start(&all), dir)
+}
+
 #[tokio::test]
 async fn saturated_queue_answers_429_with_retry_after() {
-    let server = tokio::task::spawn_blocking(|| {
-        TestServer::start(&[
-            ("CHARTER__BATCHING__QUEUE_CAPACITY", "4"),
+    let (server, _dir) = tokio::task::spawn_blocking(|| {
+        start_private(&[
+            ("CHARTER__BATCHING__QUEUE_CAPACITY", "2"),
             ("CHARTER__BATCHING__RETRY_AFTER_SECS", "2"),
         ])
     })
     .await
     .unwrap();
-    // A batch big enough to hold the whole queue while the model works on it.
-    let long = "The quick brown fox jumps over the lazy dog while the farmer watches. ".repeat(60);
-    let big = json!({"texts": vec![long; 64]});
+    // A burst of concurrent requests against a queue with room for two: the ones that find
+    // it full are refused at once with 429, the others are served.
     let client = reqwest::Client::new();
-    let first = {
-        let url = server.url("/v1/evaluate");
+    let text = "The quick brown fox jumps over the lazy dog while the farmer watches the sheep. "
+        .repeat(4);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
         let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&big)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = client
-        .post(server.url("/v1/evaluate"))
-        .json(&json!({"text": "hello"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 429);
-    assert_eq!(r.headers()["retry-after"], "2");
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "overloaded");
-    assert_eq!(
-        first.await.unwrap(),
-        200,
-        "the request holding the queue is answered"
+        let url = server.url("/v1/evaluate");
+        let body = json!({"text": text});
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, retry, body)
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        let (status, retry, body) = t.await.unwrap();
+        match status {
+            200 => assert!(body["verdict"].is_string()),
+            429 => {
+                refused += 1;
+                assert_eq!(retry.as_deref(), Some("2"));
+                assert_eq!(body["error"]["type"], "overloaded");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "40 concurrent requests must overflow a queue of 2"
     );
-    // And once the queue drains, requests are served again.
+    // Once the queue drains, requests are served again.
     let (status, _) = post_json(&server, "/v1/evaluate", &json!({"text": "hello"})).await;
     assert_eq!(status, 200);
     tokio::task::spawn_blocking(move || server.stop())
@@ -378,20 +408,20 @@ async fn saturated_queue_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests() {
-    let mut server = tokio::task::spawn_blocking(|| TestServer::start(&[]))
+    let (mut server, _dir) = tokio::task::spawn_blocking(|| start_private(&[]))
         .await
         .unwrap();
-    let long = "A calm paragraph about rivers, hills and the changing seasons. ".repeat(80);
+    let long = "A calm paragraph about rivers, hills and the changing seasons. ".repeat(12);
     let url = server.url("/v1/evaluate");
     let in_flight = tokio::spawn(async move {
         reqwest::Client::new()
             .post(url)
-            .json(&json!({"texts": vec![long; 48]}))
+            .json(&json!({"texts": vec![long; 32]}))
             .send()
             .await
             .map(|r| r.status().as_u16())
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
     server.signal_stop();
     assert_eq!(
         in_flight.await.unwrap().unwrap(),
@@ -406,8 +436,8 @@ async fn shutdown_drains_in_flight_requests() {
 
 #[tokio::test]
 async fn a_second_model_is_selectable_by_configuration() {
-    let server = tokio::task::spawn_blocking(|| {
-        TestServer::start(&[("CHARTER__MODEL__NAME", "minilm-l6-int8")])
+    let (server, _dir) = tokio::task::spawn_blocking(|| {
+        start_private(&[("CHARTER__MODEL__NAME", "minilm-l6-int8")])
     })
     .await
     .unwrap();
