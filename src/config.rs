@@ -106,9 +106,10 @@ pub struct ConstitutionsConfig {
 pub struct ScoringConfig {
     /// Nearest exemplars averaged on each side (violating, compliant).
     pub top_k: usize,
-    /// Texts longer than this many tokens are also scored window by window.
+    /// Texts longer than this many tokens are also scored sentence by sentence; a sentence
+    /// longer than this is cut into windows of this many tokens.
     pub window_tokens: usize,
-    /// Tokens between window starts (windows overlap when smaller than `window_tokens`).
+    /// Tokens between the starts of windows inside a long sentence.
     pub window_stride: usize,
 }
 
