@@ -134,6 +134,7 @@ def main() -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0
