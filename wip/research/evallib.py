@@ -35,7 +35,7 @@ def thr_recall(y, s, r):
     return sp[k] - 1e-6
 
 
-POLICIES = {"f1": thr_f1, "r85": lambda y, s: thr_recall(y, s, 0.85), "r80": lambda y, s: thr_recall(y, s, 0.80)}
+POLICIES = {"f1": thr_f1, "r85": lambda y, s: thr_recall(y, s, 0.85), "r82": lambda y, s: thr_recall(y, s, 0.82), "r80": lambda y, s: thr_recall(y, s, 0.80)}
 
 
 def inner_folds(tr, n=5):

@@ -57,4 +57,5 @@ for name, fn in CAND.items():
     allres[name] = r
     m = r["r85"]
     print(f"{name}: AUC {m['auc']:.3f} en {m['auc_en']:.3f} zh {m['auc_zh']:.3f} | r85: R {m['R']:.3f} FPRscary {m['fpr_scary']:.3f} F1oai {m['F1_oai']:.3f}", flush=True)
-json.dump(allres, open(f"results_final_s{seed}.json", "w"), indent=1, default=float)
+suffix = ("_" + sys.argv[2].replace(",", "")) if len(sys.argv) > 2 else ""
+json.dump(allres, open(f"results_final_s{seed}{suffix}.json", "w"), indent=1, default=float)
