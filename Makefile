@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Models the tests use: the default and a second selectable one.
 TEST_MODELS ?= use-m3,minilm-l6-int8
 
-.PHONY: run test setup setup-test lint unit
+.PHONY: run test setup setup-test lint unit bench-gateway
 
 ## Build and run the service on its embedded defaults (SQLite, default constitution, default model).
 run: setup
@@ -22,6 +22,7 @@ setup:
 
 setup-test:
 	$(PYTHON) tools/setup_assets.py --models $(TEST_MODELS)
+	PYTHON=$(PYTHON) sh tests/sdk/setup.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -30,3 +31,7 @@ lint:
 ## Unit tests only (no model needed).
 unit:
 	$(CARGO) test --release --lib
+
+## Latency the gateway's proxy path adds (evaluation off), against the tests' mock upstream.
+bench-gateway:
+	$(CARGO) run --release --example gateway_bench

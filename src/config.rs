@@ -34,6 +34,7 @@ pub struct Config {
     pub constitutions: ConstitutionsConfig,
     pub scoring: ScoringConfig,
     pub log: LogConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,6 +123,74 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// The Anthropic Messages gateway (`src/gateway/`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Base URL of the Anthropic API (or anything speaking it); paths are appended.
+    pub upstream_url: String,
+    /// Key sent upstream (as `x-api-key`) when the client sends none. Set it with
+    /// `CHARTER__GATEWAY__API_KEY`; it is never logged.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// TCP + TLS connect deadline for upstream calls.
+    pub connect_timeout_secs: u64,
+    /// Whole deadline of a non-streaming exchange, critique and revision rounds included,
+    /// and of a stream's response headers.
+    pub request_timeout_secs: u64,
+    /// Longest silence between two reads of an upstream body (streams included).
+    pub idle_timeout_secs: u64,
+    /// Largest accepted request body (Anthropic's own limit is 32 MB).
+    pub body_limit_bytes: usize,
+    /// Largest non-streaming upstream response the gateway reads.
+    pub max_response_bytes: usize,
+    /// Evaluate the last user turn before forwarding it.
+    pub screen_prompts: bool,
+    /// Also evaluate the system prompt (when `screen_prompts`).
+    pub screen_system: bool,
+    /// Evaluate the model's text output (and act on violations).
+    pub evaluate_output: bool,
+    /// Characters of output text per evaluated window; a stream holds this much back
+    /// until it is evaluated.
+    pub hold_back_chars: usize,
+    /// Characters before each window evaluated with it (in streams: already released).
+    pub context_chars: usize,
+    /// Critique-and-revise rounds before a revise-rule violation is blocked.
+    pub max_revise_rounds: u32,
+    /// `max_tokens` of each critique call.
+    pub critique_max_tokens: u32,
+    /// Constitution for requests that name none (header, key map); unset: `constitutions.default`.
+    #[serde(default)]
+    pub constitution: Option<String>,
+    /// Constitution per client key id (`key_` + 12 hex digits of the key's sha256, as in
+    /// the audit log).
+    #[serde(default)]
+    pub constitution_by_key: std::collections::BTreeMap<String, String>,
+    /// Text of the refusal that replaces a blocked prompt or output.
+    pub refusal_message: String,
+}
+
+/// A secret setting: usable, never shown by `Debug`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -199,7 +268,7 @@ impl Config {
                 "must be between 1 and scoring.window_tokens",
             );
         }
-        Ok(())
+        self.gateway.validate()
     }
 
     /// The model folder this configuration selects.
@@ -231,6 +300,56 @@ impl Config {
                     .max()
             })
             .unwrap_or_else(|| dir.join("libonnxruntime.so"))
+    }
+}
+
+impl GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        match reqwest::Url::parse(&self.upstream_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.query().is_none() => {}
+            _ => {
+                return invalid(
+                    "gateway.upstream_url",
+                    format!(
+                        "{:?} is not an http(s) base URL without a query",
+                        self.upstream_url
+                    ),
+                )
+            }
+        }
+        if self.hold_back_chars == 0 {
+            return invalid("gateway.hold_back_chars", "must be at least 1".into());
+        }
+        for (field, secs) in [
+            ("gateway.connect_timeout_secs", self.connect_timeout_secs),
+            ("gateway.request_timeout_secs", self.request_timeout_secs),
+            ("gateway.idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
+        }
+        if self.body_limit_bytes == 0 || self.max_response_bytes == 0 {
+            return invalid(
+                "gateway.body_limit_bytes",
+                "limits must be at least 1".into(),
+            );
+        }
+        if self.critique_max_tokens == 0 {
+            return invalid("gateway.critique_max_tokens", "must be at least 1".into());
+        }
+        if self.refusal_message.trim().is_empty() {
+            return invalid("gateway.refusal_message", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The configured key, unless it is empty (an empty env variable means "none").
+    pub fn api_key(&self) -> Option<&Secret> {
+        self.api_key
+            .as_ref()
+            .filter(|k| !k.expose().trim().is_empty())
     }
 }
 
@@ -283,6 +402,35 @@ mod tests {
         let err = Config::load_from(None, env(&[("CHARTER__SERVER__BIND", "not-an-address")]))
             .unwrap_err();
         assert!(err.to_string().contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn gateway_key_comes_from_env_and_is_never_shown() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("CHARTER__GATEWAY__API_KEY", "sk-ant-very-secret"),
+                (
+                    "CHARTER__GATEWAY__CONSTITUTION_BY_KEY__KEY_0123456789AB",
+                    "strict",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.gateway.api_key().map(Secret::expose),
+            Some("sk-ant-very-secret")
+        );
+        assert!(!format!("{config:?}").contains("very-secret"));
+        assert_eq!(
+            config.gateway.constitution_by_key.get("key_0123456789ab"),
+            Some(&"strict".to_string())
+        );
+        let config = Config::load_from(None, env(&[("CHARTER__GATEWAY__API_KEY", "")])).unwrap();
+        assert!(config.gateway.api_key().is_none());
+        let err = Config::load_from(None, env(&[("CHARTER__GATEWAY__UPSTREAM_URL", "ftp://x")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("gateway.upstream_url"), "{err}");
     }
 
     #[test]

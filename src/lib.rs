@@ -13,6 +13,8 @@
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
 //! - [`audit`]: the audit record of every answered evaluation and the sink it goes to.
+//! - [`gateway`]: the Anthropic Messages proxy (screen, evaluate, critique/revise, guarded
+//!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
 //! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
 //! - `main.rs`: the CLI (`serve`, `check`, `eval`); thin.
 //!
@@ -26,6 +28,7 @@ pub mod constitution;
 pub mod embed;
 pub mod engine;
 pub mod evaluate;
+pub mod gateway;
 pub mod http;
 
 use std::future::{Future, IntoFuture};

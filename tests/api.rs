@@ -8,3 +8,10 @@ mod common;
 mod cli;
 #[path = "api/evaluate.rs"]
 mod evaluate;
+
+#[path = "common/anthropic_mock.rs"]
+mod anthropic_mock;
+#[path = "api/gateway.rs"]
+mod gateway;
+#[path = "api/gateway_sdk.rs"]
+mod gateway_sdk;

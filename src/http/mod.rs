@@ -40,7 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/constitutions", get(constitutions::list))
         .route("/v1/constitutions/{id}", get(constitutions::get))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state.clone())
         // Innermost first: each `layer` wraps everything above it.
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(DefaultBodyLimit::disable())
@@ -49,6 +49,8 @@ pub fn router(state: AppState) -> Router {
             AppError::Internal("handler panicked".into()).into_response()
         }))
         .layer(axum::middleware::map_response(shape_layer_errors))
+        // The gateway's routes bring their own body limit, deadlines and error shape.
+        .merge(crate::gateway::router(state))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()

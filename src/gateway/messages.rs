@@ -1,0 +1,456 @@
+//! The Messages wire format, as far as the gateway reads and writes it: what to screen in
+//! a request, the text of a response, refusals (as a message and as a stream), and the
+//! `charter` metadata added to messages. Pure functions over JSON; no I/O.
+//!
+//! The request body itself is never rewritten: it is forwarded as the client's bytes, so
+//! fields the gateway does not know reach upstream untouched.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::evaluate::Verdict;
+
+/// What the gateway needs from a request body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RequestView {
+    /// `stream: true` (the only thing that decides streaming; clients also send
+    /// `Accept: application/json` when streaming).
+    pub stream: bool,
+    pub model: Option<String>,
+    pub max_tokens: Option<u64>,
+    /// Text blocks of the last user turn, joined by blank lines; `None` when it has none.
+    pub last_user_text: Option<String>,
+    /// The system prompt's text; `None` when absent or empty.
+    pub system_text: Option<String>,
+}
+
+/// Reads the fields the gateway uses. Shapes it does not understand are left to upstream
+/// to judge (they yield `None` here), except a body that is not a JSON object.
+pub fn read_request(body: &Value) -> Result<RequestView, String> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| "the request body must be a JSON object".to_string())?;
+    let last_user_text = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|messages| {
+            messages
+                .iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .and_then(|m| content_text(m.get("content")?));
+    Ok(RequestView {
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        model: obj.get("model").and_then(Value::as_str).map(str::to_string),
+        max_tokens: obj.get("max_tokens").and_then(Value::as_u64),
+        last_user_text,
+        system_text: obj.get("system").and_then(content_text),
+    })
+}
+
+/// Text of a `content` (or `system`) value: the string itself, or the `text` blocks of a
+/// block list joined by blank lines. Images, documents, tool results are not text here.
+pub fn content_text(content: &Value) -> Option<String> {
+    let text = match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n\n"),
+        _ => return None,
+    };
+    (!text.trim().is_empty()).then_some(text)
+}
+
+/// The text blocks of a response message, joined by blank lines (empty if none).
+pub fn response_text(message: &Value) -> String {
+    content_text(&message["content"]).unwrap_or_default()
+}
+
+/// Whether a response message is one the gateway can evaluate (`type: message`).
+pub fn is_message(message: &Value) -> bool {
+    message.get("type").and_then(Value::as_str) == Some("message")
+        && message.get("content").is_some_and(Value::is_array)
+}
+
+/// What the gateway did with an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionTaken {
+    /// Nothing violated.
+    None,
+    /// Returned as it was, with the violated rules named.
+    Flag,
+    /// Replaced by a refusal.
+    Block,
+    /// Replaced by a revision that passed.
+    Revise,
+}
+
+impl ActionTaken {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionTaken::None => "none",
+            ActionTaken::Flag => "flag",
+            ActionTaken::Block => "block",
+            ActionTaken::Revise => "revise",
+        }
+    }
+}
+
+/// Tokens spent upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    pub fn of(message: &Value) -> Self {
+        Usage {
+            input_tokens: message["usage"]["input_tokens"].as_u64().unwrap_or(0),
+            output_tokens: message["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        }
+    }
+
+    pub fn add(&mut self, other: Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+    }
+}
+
+/// The `charter` field of a message (and of a stream's `message_delta`), and the source
+/// of the `x-charter-*` headers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Charter {
+    /// Evaluation id; audit records of this exchange have this id or `<id>.<part>`.
+    pub id: String,
+    pub verdict: Verdict,
+    pub action: ActionTaken,
+    /// Rules the prompt or the output violated (for a revision: what the first output
+    /// violated).
+    pub violated: Vec<String>,
+    pub constitution: ConstitutionRef,
+    /// What was evaluated: `prompt`, `system`, `output`.
+    pub checked: Vec<&'static str>,
+    /// Which part failed (`prompt`, `system`, `output`), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<&'static str>,
+    /// Critique-and-revise rounds run.
+    pub revise_rounds: u32,
+    /// Tokens the critique and revision calls cost, on top of `usage`.
+    pub extra_usage: Usage,
+    /// Streams: characters of output text released to the client, all of them evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_chars: Option<usize>,
+    /// Why a revision could not be used, when it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConstitutionRef {
+    pub id: String,
+    pub version: String,
+}
+
+impl Charter {
+    /// The `x-charter-*` response headers.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("x-charter-id", self.id.clone()),
+            (
+                "x-charter-verdict",
+                match self.verdict {
+                    Verdict::Pass => "pass",
+                    Verdict::Fail => "fail",
+                }
+                .into(),
+            ),
+            ("x-charter-action", self.action.as_str().into()),
+            ("x-charter-violated", self.violated.join(",")),
+            ("x-charter-constitution", self.constitution.id.clone()),
+            (
+                "x-charter-constitution-version",
+                self.constitution.version.clone(),
+            ),
+        ]
+    }
+}
+
+/// A gateway-made message id (`msg_` like upstream's, marked as Charter's).
+pub fn new_message_id() -> String {
+    format!("msg_charter_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn usage_json(usage: Usage) -> Value {
+    json!({
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    })
+}
+
+/// A whole refusal message (a blocked prompt, non-streaming).
+pub fn refusal_message(id: &str, model: &str, text: &str, charter: &Charter) -> Value {
+    json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "refusal",
+        "stop_sequence": null,
+        "usage": usage_json(Usage::default()),
+        "charter": charter,
+    })
+}
+
+/// The events of a refusal stream (a blocked prompt, streaming): one `message_start`,
+/// one text block with the notice, `message_delta` with `stop_reason: "refusal"`,
+/// `message_stop`.
+pub fn refusal_events(id: &str, model: &str, text: &str, charter: &Charter) -> Vec<Value> {
+    let mut events = vec![json!({
+        "type": "message_start",
+        "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": usage_json(Usage::default()),
+        }
+    })];
+    events.extend(notice_block_events(0, text));
+    events.extend(end_events(
+        Usage::default().output_tokens,
+        "refusal",
+        charter,
+    ));
+    events
+}
+
+/// A complete text block holding `text` at `index`.
+pub fn notice_block_events(index: u64, text: &str) -> Vec<Value> {
+    vec![
+        json!({"type": "content_block_start", "index": index,
+               "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": index,
+               "delta": {"type": "text_delta", "text": text}}),
+        json!({"type": "content_block_stop", "index": index}),
+    ]
+}
+
+/// `message_delta` (with the `charter` metadata) and `message_stop`.
+pub fn end_events(output_tokens: u64, stop_reason: &str, charter: &Charter) -> Vec<Value> {
+    vec![
+        json!({"type": "message_delta",
+               "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+               "usage": {"output_tokens": output_tokens},
+               "charter": charter}),
+        json!({"type": "message_stop"}),
+    ]
+}
+
+/// Replaces a response's content by a refusal (the output was blocked): same id, model and
+/// usage (upstream billed for the output it produced), `stop_reason: "refusal"`.
+pub fn blocked_response(mut message: Value, text: &str, charter: &Charter) -> Value {
+    message["content"] = json!([{"type": "text", "text": text}]);
+    message["stop_reason"] = json!("refusal");
+    message["stop_sequence"] = Value::Null;
+    message["charter"] = json!(charter);
+    message
+}
+
+/// Replaces a response's text blocks by one block with the revision, where the first text
+/// block was; other blocks (thinking, tool use) keep their places.
+pub fn revised_response(
+    mut message: Value,
+    revision: &str,
+    stop_reason: &Value,
+    charter: &Charter,
+) -> Value {
+    let mut content = Vec::new();
+    let mut placed = false;
+    let mut has_tool_use = false;
+    for block in message["content"].as_array().cloned().unwrap_or_default() {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                if !placed {
+                    content.push(json!({"type": "text", "text": revision}));
+                    placed = true;
+                }
+            }
+            Some("tool_use") => {
+                has_tool_use = true;
+                content.push(block);
+            }
+            _ => content.push(block),
+        }
+    }
+    if !placed {
+        content.insert(0, json!({"type": "text", "text": revision}));
+    }
+    message["content"] = Value::Array(content);
+    // A tool call still stands; otherwise the revision's own ending holds.
+    if !has_tool_use && !stop_reason.is_null() {
+        message["stop_reason"] = stop_reason.clone();
+    }
+    message["stop_sequence"] = Value::Null;
+    message["charter"] = json!(charter);
+    message
+}
+
+/// Adds `"charter": {...}` to a JSON object's bytes without re-serialising the rest, so
+/// an answer that passed reaches the client as upstream's bytes plus one field.
+/// `None` when the bytes do not end like an object.
+pub fn with_charter_field(body: &[u8], charter: &Charter) -> Option<Vec<u8>> {
+    let end = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if body[end] != b'}' {
+        return None;
+    }
+    let inner = body[..end].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let empty = body[inner] == b'{';
+    let field = serde_json::to_vec(charter).ok()?;
+    let mut out = Vec::with_capacity(body.len() + field.len() + 16);
+    out.extend_from_slice(&body[..end]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"charter\":");
+    out.extend_from_slice(&field);
+    out.push(b'}');
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charter() -> Charter {
+        Charter {
+            id: "eval_1".into(),
+            verdict: Verdict::Fail,
+            action: ActionTaken::Block,
+            violated: vec!["harmful-content".into()],
+            constitution: ConstitutionRef {
+                id: "default".into(),
+                version: "abc".into(),
+            },
+            checked: vec!["prompt", "output"],
+            failed: Some("output"),
+            revise_rounds: 0,
+            extra_usage: Usage::default(),
+            released_chars: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn reads_the_last_user_turn_and_system() {
+        let body = json!({
+            "model": "claude-x", "max_tokens": 100, "stream": true,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [
+                    {"type": "image", "source": {}},
+                    {"type": "text", "text": "second"},
+                    {"type": "tool_result", "tool_use_id": "t", "content": "x"},
+                    {"type": "text", "text": "third"}]},
+                {"role": "assistant", "content": "prefill"}
+            ],
+            "unknown_field": {"kept": true}
+        });
+        let view = read_request(&body).unwrap();
+        assert_eq!(
+            view,
+            RequestView {
+                stream: true,
+                model: Some("claude-x".into()),
+                max_tokens: Some(100),
+                last_user_text: Some("second\n\nthird".into()),
+                system_text: Some("Be brief.".into()),
+            }
+        );
+        assert!(read_request(&json!([1])).is_err());
+        let view = read_request(&json!({"messages": [{"role": "user", "content": 5}]})).unwrap();
+        assert_eq!(view.last_user_text, None);
+        assert!(!view.stream);
+    }
+
+    #[test]
+    fn charter_field_is_appended_to_the_original_bytes() {
+        let body = br#"{"id":"msg_1", "content":[] }  "#;
+        let out = with_charter_field(body, &charter()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with(r#"{"id":"msg_1", "content":[] ,"charter":{"#));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["charter"]["action"], "block");
+        assert_eq!(v["charter"]["violated"][0], "harmful-content");
+        let empty = with_charter_field(b"{}", &charter()).unwrap();
+        serde_json::from_slice::<Value>(&empty).unwrap();
+        assert!(with_charter_field(b"[1]", &charter()).is_none());
+    }
+
+    #[test]
+    fn revision_keeps_tool_calls_and_thinking_in_place() {
+        let message = json!({
+            "type": "message", "stop_reason": "tool_use",
+            "content": [
+                {"type": "thinking", "thinking": "t", "signature": "s"},
+                {"type": "text", "text": "bad 1"},
+                {"type": "tool_use", "id": "tu", "name": "f", "input": {}},
+                {"type": "text", "text": "bad 2"}
+            ]
+        });
+        let out = revised_response(message, "good", &json!("end_turn"), &charter());
+        let types: Vec<&str> = out["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["thinking", "text", "tool_use"]);
+        assert_eq!(out["content"][1]["text"], "good");
+        assert_eq!(out["stop_reason"], "tool_use");
+        let out = revised_response(
+            json!({"type": "message", "stop_reason": "max_tokens", "content": [{"type": "text", "text": "bad"}]}),
+            "good",
+            &json!("end_turn"),
+            &charter(),
+        );
+        assert_eq!(out["stop_reason"], "end_turn");
+    }
+
+    #[test]
+    fn refusal_stream_is_well_formed() {
+        let events = refusal_events("msg_x", "m", "no", &charter());
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(events[4]["delta"]["stop_reason"], "refusal");
+        let blocked = blocked_response(
+            json!({"id": "msg_up", "type": "message", "content": [{"type": "text", "text": "bad"}], "usage": {"input_tokens": 3, "output_tokens": 9}}),
+            "no",
+            &charter(),
+        );
+        assert_eq!(blocked["id"], "msg_up");
+        assert_eq!(
+            blocked["usage"]["output_tokens"], 9,
+            "usage stays upstream's"
+        );
+        assert_eq!(blocked["content"][0]["text"], "no");
+    }
+}

@@ -1,0 +1,558 @@
+//! The Claude gateway: a drop-in Anthropic Messages API proxy that screens prompts,
+//! evaluates outputs against a constitution and acts on violations (flag, block, or
+//! critique-and-revise), streaming included.
+//!
+//! Routes: `POST /v1/messages` (query string kept, e.g. `?beta=true`);
+//! `POST /v1/messages/count_tokens`, `GET /v1/models`, `GET /v1/models/{id}` pass through
+//! verbatim. The client's body is forwarded as its bytes; headers cross as
+//! [`upstream`] says. Upstream errors reach the client unchanged (the SDKs retry them
+//! themselves; the gateway never retries). The gateway's own errors use the Anthropic
+//! error shape ([`error`]).
+//!
+//! A `/v1/messages` exchange: pick the constitution (`x-charter-constitution` header, else
+//! `gateway.constitution_by_key[key id]`, else `gateway.constitution`, else the default);
+//! screen the last user turn (and the system prompt if configured) and answer a violating
+//! prompt with a refusal without calling upstream; forward; evaluate the output text
+//! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise);
+//! stream through [`stream`], which releases text only once evaluated. Every evaluation is
+//! handed to the audit sink before its outcome reaches the client; the outcome is in the
+//! `x-charter-*` headers and the message's extra `charter` field ([`messages::Charter`]).
+//!
+//! Owns: the proxy routes and their state (one shared upstream client). Must not: run
+//! the model (the engine's queue does), retry upstream calls, or log keys.
+
+pub mod error;
+pub mod messages;
+mod review;
+mod revise;
+pub mod sse;
+mod stream;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::engine::{Engine, Kind};
+use crate::evaluate::Verdict;
+use crate::http::evaluate::client_key_id;
+use crate::http::REQUEST_ID;
+use crate::AppState;
+
+use error::GatewayError;
+use messages::{ActionTaken, Charter, ConstitutionRef, RequestView, Usage};
+use review::{Checked, Decision};
+use upstream::{Upstream, CONSTITUTION_HEADER};
+
+/// The gateway's shared state: the app (config, engine, audit) and the upstream client.
+pub struct Gateway {
+    app: AppState,
+    upstream: Upstream,
+}
+
+/// The gateway routes, with their own limits: request bodies up to
+/// `gateway.body_limit_bytes`, deadlines from `gateway.*_timeout_secs` (not the API's
+/// `server.request_timeout_secs`: model answers take minutes), errors in the Anthropic
+/// shape.
+pub fn router(app: AppState) -> Router {
+    // Only the TLS backend can fail to build, and rustls with bundled roots does not.
+    let upstream = Upstream::new(&app.config().gateway).expect("the upstream HTTP client builds");
+    let gateway = Arc::new(Gateway { app, upstream });
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(passthrough))
+        .route("/v1/models", get(passthrough))
+        .route("/v1/models/{id}", get(passthrough))
+        .with_state(gateway)
+        .layer(CatchPanicLayer::custom(|_| {
+            GatewayError::Internal("gateway handler panicked".into()).into_response()
+        }))
+}
+
+/// What one `/v1/messages` exchange carries through screening, forwarding and review.
+pub struct Exchange {
+    gw: Arc<Gateway>,
+    engine: Arc<Engine>,
+    /// Evaluation id (`eval_...`); audit records are `<id>.<part>`.
+    id: String,
+    key_id: Option<String>,
+    constitution: String,
+    model: String,
+    max_tokens: u64,
+    user_text: Option<String>,
+    upstream_headers: HeaderMap,
+    path_and_query: String,
+    request_id: String,
+}
+
+/// `count_tokens` and `models`: no model output, so the request and the answer cross
+/// untouched (headers as [`upstream`] says; bodies as bytes, streamed back).
+async fn passthrough(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = gw.app.config().gateway.body_limit_bytes;
+    let deadline = Duration::from_secs(gw.app.config().gateway.request_timeout_secs);
+    let exchange = async {
+        let bytes = read_body(body, limit).await?;
+        let headers = gw.upstream.request_headers(&parts.headers, true);
+        let body = (parts.method != Method::GET || !bytes.is_empty()).then_some(bytes);
+        let response = gw
+            .upstream
+            .send(
+                parts.method.clone(),
+                path_and_query(&parts.uri),
+                headers,
+                body,
+            )
+            .await?;
+        Ok::<_, GatewayError>(relay(response, &[]))
+    };
+    match tokio::time::timeout(deadline, exchange).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => err.into_response(),
+        Err(_) => GatewayError::UpstreamTimeout.into_response(),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(stream, constitution, action))]
+async fn messages(
+    State(gw): State<Arc<Gateway>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let deadline = Duration::from_secs(gw.app.config().gateway.request_timeout_secs);
+    let response = match tokio::time::timeout(deadline, exchange(gw, uri, headers, body)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(err)) => err.into_response(),
+        Err(_) => GatewayError::UpstreamTimeout.into_response(),
+    };
+    tracing::debug!(
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "gateway exchange answered"
+    );
+    response
+}
+
+async fn exchange(
+    gw: Arc<Gateway>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let config = &gw.app.config().gateway;
+    let bytes = read_body(body, config.body_limit_bytes).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::InvalidRequest(format!("the request body is not valid JSON: {e}"))
+    })?;
+    let view = messages::read_request(&value).map_err(GatewayError::InvalidRequest)?;
+    drop(value);
+    let span = tracing::Span::current();
+    span.record("stream", view.stream);
+    let upstream_headers = gw.upstream.request_headers(&headers, false);
+    let path_and_query = path_and_query(&uri).to_string();
+
+    if !config.screen_prompts && !config.evaluate_output {
+        let response = gw
+            .upstream
+            .send(Method::POST, &path_and_query, upstream_headers, Some(bytes))
+            .await?;
+        return Ok(relay(response, &[]));
+    }
+
+    let engine = gw.app.engine().map_err(|_| GatewayError::NotReady)?;
+    let constitution = select_constitution(&gw, &engine, &headers)?;
+    span.record("constitution", constitution.id.as_str());
+    let ex = Exchange {
+        engine,
+        id: crate::http::evaluate::new_id(),
+        key_id: client_key_id(&headers),
+        constitution: constitution.id.clone(),
+        model: view.model.clone().unwrap_or_default(),
+        max_tokens: view.max_tokens.unwrap_or(1024),
+        user_text: view.last_user_text.clone(),
+        upstream_headers,
+        path_and_query,
+        request_id: headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        gw: Arc::clone(&gw),
+    };
+    let mut meta = Charter {
+        id: ex.id.clone(),
+        verdict: Verdict::Pass,
+        action: ActionTaken::None,
+        violated: Vec::new(),
+        constitution,
+        checked: Vec::new(),
+        failed: None,
+        revise_rounds: 0,
+        extra_usage: Usage::default(),
+        released_chars: None,
+        note: None,
+    };
+
+    if config.screen_prompts {
+        if let Some(response) = screen(&ex, &view, &mut meta).await? {
+            span.record("action", "block");
+            return Ok(response);
+        }
+    }
+
+    let response = gw
+        .upstream
+        .send(
+            Method::POST,
+            &ex.path_and_query,
+            ex.upstream_headers.clone(),
+            Some(bytes),
+        )
+        .await?;
+    if let Some(failure) = error::upstream_failure(response.status(), response.headers()) {
+        tracing::info!(
+            status = failure.status,
+            kind = failure.kind,
+            retryable = failure.retryable,
+            "upstream error passed through"
+        );
+        return Ok(relay(response, &[]));
+    }
+
+    if view.stream {
+        let is_sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        if !config.evaluate_output || !is_sse {
+            return Ok(relay(response, &meta.headers()));
+        }
+        return Ok(stream::guard(ex, response, meta));
+    }
+
+    let status = response.status();
+    let upstream_headers = upstream::forward_response_headers(response.headers(), true);
+    let body = read_limited(response, config.max_response_bytes).await?;
+    let (body, action) = if config.evaluate_output {
+        review_output(&ex, &body, &mut meta).await?
+    } else {
+        let body = messages::with_charter_field(&body, &meta).ok_or_else(|| {
+            GatewayError::UpstreamProtocol("the response is not a JSON object".into())
+        })?;
+        (body, meta.action)
+    };
+    span.record("action", action.as_str());
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = upstream_headers;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    add_headers(&mut response, &meta.headers());
+    Ok(response)
+}
+
+/// The constitution for a request: header, else key map, else gateway default, else the
+/// engine default. An unknown id in the header is the client's error (400); in the
+/// configuration it is ours (500).
+fn select_constitution(
+    gw: &Gateway,
+    engine: &Engine,
+    headers: &HeaderMap,
+) -> Result<ConstitutionRef, GatewayError> {
+    let config = &gw.app.config().gateway;
+    let from_header = headers
+        .get(CONSTITUTION_HEADER)
+        .map(|v| {
+            v.to_str().map(|s| s.trim().to_string()).map_err(|_| {
+                GatewayError::InvalidRequest(format!("{CONSTITUTION_HEADER} is not text"))
+            })
+        })
+        .transpose()?
+        .filter(|s| !s.is_empty());
+    let (id, by_client) = match from_header {
+        Some(id) => (Some(id), true),
+        None => {
+            let by_key = client_key_id(headers)
+                .and_then(|key| config.constitution_by_key.get(&key).cloned());
+            (by_key.or_else(|| config.constitution.clone()), false)
+        }
+    };
+    let index = engine.constitution(id.as_deref()).map_err(|err| match err {
+        crate::engine::EngineError::UnknownConstitution(id) if by_client => {
+            GatewayError::InvalidRequest(format!(
+                "{CONSTITUTION_HEADER}: no constitution with id {id:?}; GET /v1/constitutions lists them"
+            ))
+        }
+        crate::engine::EngineError::UnknownConstitution(id) => GatewayError::Internal(format!(
+            "gateway configuration names unknown constitution {id:?}"
+        )),
+        other => other.into(),
+    })?;
+    let c = index.constitution();
+    Ok(ConstitutionRef {
+        id: c.id.clone(),
+        version: c.version.clone(),
+    })
+}
+
+/// Screens the last user turn (and the system prompt when configured). A prompt that
+/// breaks a block or revise rule is answered here, without calling upstream.
+async fn screen(
+    ex: &Exchange,
+    view: &RequestView,
+    meta: &mut Charter,
+) -> Result<Option<Response>, GatewayError> {
+    let config = ex.gw.app.config();
+    let max_chars = config.limits.max_text_chars;
+    let mut parts: Vec<(&'static str, &str)> = Vec::new();
+    if let Some(text) = &view.last_user_text {
+        parts.push(("prompt", text));
+    }
+    if config.gateway.screen_system {
+        if let Some(text) = &view.system_text {
+            parts.push(("system", text));
+        }
+    }
+    let mut decision = Decision::Pass;
+    for (part, full) in parts {
+        // Long prompts are screened by their end, where the request usually is; the
+        // audit record says how much was checked.
+        let text = review::tail(full, max_chars);
+        let checked = review::check(&ex.gw.app, &ex.engine, text, &ex.constitution).await?;
+        let this = review::decide(&checked.result).for_prompt();
+        review::record(
+            &ex.gw.app,
+            format!("{}.{part}", ex.id),
+            ex.key_id.clone(),
+            Kind::Prompt,
+            &checked,
+            text,
+            json!({
+                "part": part,
+                "checked": "text blocks of the last user turn",
+                "chars": full.chars().count(),
+                "checked_chars": checked.chars,
+                "decision": format!("{this:?}").to_lowercase(),
+                "stream": view.stream,
+                "request_id": ex.request_id,
+            }),
+        );
+        meta.checked.push(part);
+        note_violations(meta, &checked);
+        if this != Decision::Pass && meta.failed.is_none() {
+            meta.failed = Some(part);
+        }
+        if this == Decision::Block {
+            decision = Decision::Block;
+        } else if this == Decision::Flag && decision == Decision::Pass {
+            decision = Decision::Flag;
+        }
+    }
+    match decision {
+        Decision::Block => {
+            meta.action = ActionTaken::Block;
+            let refusal = &config.gateway.refusal_message;
+            let id = messages::new_message_id();
+            let response = if view.stream {
+                let events = messages::refusal_events(&id, &ex.model, refusal, meta);
+                let body: Vec<u8> = events.iter().flat_map(|e| sse::event(e).to_vec()).collect();
+                sse_response(StatusCode::OK, HeaderMap::new(), Body::from(body))
+            } else {
+                let message = messages::refusal_message(&id, &ex.model, refusal, meta);
+                axum::Json(message).into_response()
+            };
+            let mut response = response;
+            add_headers(&mut response, &meta.headers());
+            Ok(Some(response))
+        }
+        Decision::Flag => {
+            meta.action = ActionTaken::Flag;
+            Ok(None)
+        }
+        Decision::Pass | Decision::Revise => Ok(None),
+    }
+}
+
+/// Adds a check's violated rules to the metadata (and turns the verdict to fail).
+fn note_violations(meta: &mut Charter, checked: &Checked) {
+    for rule in checked.result.violated() {
+        meta.verdict = Verdict::Fail;
+        if !meta.violated.contains(&rule.id) {
+            meta.violated.push(rule.id.clone());
+        }
+    }
+}
+
+/// Evaluates a non-streaming answer and acts on it; returns the body for the client.
+async fn review_output(
+    ex: &Exchange,
+    body: &[u8],
+    meta: &mut Charter,
+) -> Result<(Vec<u8>, ActionTaken), GatewayError> {
+    let config = ex.gw.app.config();
+    let message: Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::UpstreamProtocol(format!("the response is not JSON: {e}")))?;
+    if !messages::is_message(&message) {
+        return Err(GatewayError::UpstreamProtocol(
+            "the response is not a message".into(),
+        ));
+    }
+    let text = messages::response_text(&message);
+    if text.trim().is_empty() {
+        // Tool calls or thinking only: no text to evaluate.
+        let body = messages::with_charter_field(body, meta)
+            .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?;
+        return Ok((body, meta.action));
+    }
+    let checked = review::check_output(&ex.gw.app, &ex.engine, &text, &ex.constitution).await?;
+    let decision = review::decide(&checked.result);
+    meta.checked.push("output");
+    note_violations(meta, &checked);
+    if decision != Decision::Pass && meta.failed.is_none() {
+        meta.failed = Some("output");
+    }
+    let record = |meta: &Charter, checked: &Checked| {
+        review::record(
+            &ex.gw.app,
+            format!("{}.output", ex.id),
+            ex.key_id.clone(),
+            Kind::Response,
+            checked,
+            &text,
+            json!({
+                "part": "output",
+                "stream": false,
+                "checked": "every text block of the response",
+                "checked_chars": checked.chars,
+                "chunks": checked.chunks,
+                "action": meta.action.as_str(),
+                "revise_rounds": meta.revise_rounds,
+                "extra_usage": meta.extra_usage,
+                "note": meta.note,
+                "upstream_message_id": message["id"],
+                "request_id": ex.request_id,
+            }),
+        )
+    };
+    let refusal = &config.gateway.refusal_message;
+    let out = match decision {
+        Decision::Pass | Decision::Flag => {
+            if decision == Decision::Flag {
+                meta.action = ActionTaken::Flag;
+            }
+            record(meta, &checked);
+            messages::with_charter_field(body, meta)
+                .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?
+        }
+        Decision::Block => {
+            meta.action = ActionTaken::Block;
+            record(meta, &checked);
+            serde_json::to_vec(&messages::blocked_response(message.clone(), refusal, meta))
+                .map_err(|e| GatewayError::Internal(e.to_string()))?
+        }
+        Decision::Revise => {
+            let outcome = revise::run(ex, &text, &checked).await?;
+            meta.revise_rounds = outcome.rounds;
+            meta.extra_usage = outcome.extra_usage;
+            meta.note = outcome.note;
+            let out = match outcome.revision {
+                Some((revision, stop_reason, _)) => {
+                    meta.action = ActionTaken::Revise;
+                    record(meta, &checked);
+                    messages::revised_response(message.clone(), &revision, &stop_reason, meta)
+                }
+                None => {
+                    meta.action = ActionTaken::Block;
+                    record(meta, &checked);
+                    messages::blocked_response(message.clone(), refusal, meta)
+                }
+            };
+            serde_json::to_vec(&out).map_err(|e| GatewayError::Internal(e.to_string()))?
+        }
+    };
+    Ok((out, meta.action))
+}
+
+fn path_and_query(uri: &Uri) -> &str {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// Reads a client body up to `limit` bytes (413 above it).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let too_large = std::error::Error::source(&err)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::BodyTooLarge
+        } else {
+            GatewayError::InvalidRequest(format!("could not read the request body: {err}"))
+        }
+    })
+}
+
+/// Reads an upstream body up to `limit` bytes.
+pub(crate) async fn read_limited(
+    response: reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let mut out = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(upstream::transport_error)?;
+        if out.len() + chunk.len() > limit {
+            return Err(GatewayError::UpstreamProtocol(format!(
+                "the upstream response is larger than {limit} bytes"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.into())
+}
+
+/// The upstream answer as it came: status, headers (minus hop-by-hop ones), body streamed.
+fn relay(response: reqwest::Response, extra: &[(&'static str, String)]) -> Response {
+    let status = response.status();
+    let headers = upstream::forward_response_headers(response.headers(), false);
+    let mut out = Response::new(Body::from_stream(response.bytes_stream()));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    add_headers(&mut out, extra);
+    out
+}
+
+fn sse_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn add_headers(response: &mut Response, extra: &[(&'static str, String)]) {
+    for (name, value) in extra {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+}

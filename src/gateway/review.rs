@@ -1,0 +1,372 @@
+//! Evaluating gateway texts through the engine, and what a result means for the exchange.
+//!
+//! Owns: cutting long texts into chunks the engine queue accepts, merging the chunks' (or
+//! a stream's windows') results into one, the decision a result calls for (pass, flag,
+//! block, revise: the strictest action among the violated rules), and the audit record of
+//! every evaluation. Evaluation always goes through the engine's queue; nothing here runs
+//! the model or blocks the async runtime.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::audit::{AuditRecord, Source};
+use crate::constitution::Action;
+use crate::engine::{Engine, Kind};
+use crate::evaluate::{Index, TextResult, Verdict};
+use crate::AppState;
+
+use super::error::GatewayError;
+
+/// Characters shared by consecutive chunks of a long text, so a passage cut by a chunk
+/// boundary is still seen whole (the model's windows are ~500 characters).
+const CHUNK_OVERLAP_CHARS: usize = 1000;
+
+/// One evaluated text (possibly in chunks), merged.
+#[derive(Clone)]
+pub struct Checked {
+    pub index: Arc<Index>,
+    pub result: TextResult,
+    /// Characters evaluated.
+    pub chars: usize,
+    /// Engine texts it took (chunks).
+    pub chunks: usize,
+    pub latency_ms: f64,
+}
+
+/// What a result calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Pass,
+    Flag,
+    Revise,
+    Block,
+}
+
+/// The strictest action among the violated rules: block > revise > flag.
+pub fn decide(result: &TextResult) -> Decision {
+    let mut decision = Decision::Pass;
+    for rule in result.violated() {
+        let this = match rule.action {
+            Action::Block => Decision::Block,
+            Action::Revise => Decision::Revise,
+            Action::Flag => Decision::Flag,
+        };
+        decision = decision.max_by_strictness(this);
+    }
+    decision
+}
+
+impl Decision {
+    fn rank(self) -> u8 {
+        match self {
+            Decision::Pass => 0,
+            Decision::Flag => 1,
+            Decision::Revise => 2,
+            Decision::Block => 3,
+        }
+    }
+
+    fn max_by_strictness(self, other: Decision) -> Decision {
+        if other.rank() > self.rank() {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// A prompt cannot be revised: what would revise an output blocks a prompt.
+    pub fn for_prompt(self) -> Decision {
+        match self {
+            Decision::Revise => Decision::Block,
+            other => other,
+        }
+    }
+}
+
+/// Cuts `text` into chunks of at most `max_chars` characters overlapping by
+/// [`CHUNK_OVERLAP_CHARS`] (fewer when `max_chars` is small).
+pub fn chunks(text: &str, max_chars: usize) -> Vec<&str> {
+    let max_chars = max_chars.max(1);
+    let bounds: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain(std::iter::once(text.len()))
+        .collect();
+    let n = bounds.len() - 1;
+    if n <= max_chars {
+        return vec![text];
+    }
+    let overlap = CHUNK_OVERLAP_CHARS.min(max_chars / 4);
+    let step = max_chars - overlap;
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = (start + max_chars).min(n);
+        out.push(&text[bounds[start]..bounds[end]]);
+        if end == n {
+            return out;
+        }
+        start += step;
+    }
+}
+
+/// The last `max_chars` characters of `text` (all of it when shorter).
+pub fn tail(text: &str, max_chars: usize) -> &str {
+    let count = text.chars().count();
+    if count <= max_chars {
+        return text;
+    }
+    let skip = count - max_chars;
+    let (cut, _) = text.char_indices().nth(skip).unwrap_or((text.len(), ' '));
+    &text[cut..]
+}
+
+/// One result for several evaluations of parts of one text: per rule the highest score
+/// (with its evidence), violated if any part violated it.
+pub fn merge(mut results: Vec<TextResult>) -> Option<TextResult> {
+    let mut merged = results.pop()?;
+    for other in results {
+        merged = merge_two(merged, other);
+    }
+    Some(merged)
+}
+
+/// Merges `b` into `a`; both come from the same constitution index (same rule order).
+pub fn merge_two(mut a: TextResult, b: TextResult) -> TextResult {
+    for (ra, rb) in a.rules.iter_mut().zip(b.rules) {
+        debug_assert_eq!(ra.id, rb.id);
+        let violated = ra.violated || rb.violated;
+        if rb.score > ra.score {
+            *ra = rb;
+        }
+        ra.violated = violated;
+    }
+    a.risk = a.risk.max(b.risk);
+    a.tokens += b.tokens;
+    a.windows += b.windows;
+    a.verdict = if a.rules.iter().any(|r| r.violated) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    a
+}
+
+/// Windows over an output text, as a stream is evaluated: consecutive pieces of
+/// `window_chars` characters, each with the `context_chars` characters before it. A
+/// passage is judged in a window of about its own size rather than diluted in a long
+/// text, and a text gets the same windows whether it was streamed or not.
+pub fn windows(text: &str, window_chars: usize, context_chars: usize) -> Vec<&str> {
+    let window_chars = window_chars.max(1);
+    let bounds: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain(std::iter::once(text.len()))
+        .collect();
+    let n = bounds.len() - 1;
+    let mut out = Vec::with_capacity(n / window_chars + 1);
+    let mut start = 0;
+    while start < n {
+        let end = (start + window_chars).min(n);
+        out.push(&text[bounds[start.saturating_sub(context_chars)]..bounds[end]]);
+        start = end;
+    }
+    if out.is_empty() {
+        out.push(text);
+    }
+    out
+}
+
+/// Evaluates a prompt against `constitution`: whole (the engine adds token windows to
+/// long texts), in chunks if longer than `limits.max_text_chars`.
+pub async fn check(
+    app: &AppState,
+    engine: &Engine,
+    text: &str,
+    constitution: &str,
+) -> Result<Checked, GatewayError> {
+    let max_chars = app.config().limits.max_text_chars;
+    let parts = chunks(text, max_chars);
+    check_parts(app, engine, text, parts, constitution).await
+}
+
+/// Evaluates a whole output in the windows a stream of it would be evaluated in.
+pub async fn check_output(
+    app: &AppState,
+    engine: &Engine,
+    text: &str,
+    constitution: &str,
+) -> Result<Checked, GatewayError> {
+    let config = &app.config().gateway;
+    let parts = windows(text, config.hold_back_chars, config.context_chars);
+    check_parts(app, engine, text, parts, constitution).await
+}
+
+async fn check_parts(
+    app: &AppState,
+    engine: &Engine,
+    text: &str,
+    parts: Vec<&str>,
+    constitution: &str,
+) -> Result<Checked, GatewayError> {
+    let started = Instant::now();
+    let parts: Vec<String> = parts.into_iter().map(str::to_string).collect();
+    let n = parts.len();
+    let evaluation = engine
+        .evaluate(Arc::new(parts), Some(constitution))
+        .await
+        .map_err(|e| match GatewayError::from(e) {
+            GatewayError::Overloaded { .. } => GatewayError::Overloaded {
+                retry_after_secs: app.config().batching.retry_after_secs,
+            },
+            other => other,
+        })?;
+    let result = merge(evaluation.results)
+        .ok_or_else(|| GatewayError::Internal("the engine returned no result".into()))?;
+    Ok(Checked {
+        index: evaluation.index,
+        result,
+        chars: text.chars().count(),
+        chunks: n,
+        latency_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Hands one gateway evaluation to the audit sink (before the client sees its outcome).
+pub fn record(
+    app: &AppState,
+    id: String,
+    client_key_id: Option<String>,
+    kind: Kind,
+    checked: &Checked,
+    text: &str,
+    context: serde_json::Value,
+) {
+    app.audit().record(AuditRecord::from_result(
+        id,
+        Source::Gateway,
+        client_key_id,
+        checked.index.constitution(),
+        checked.index.model(),
+        kind,
+        text,
+        &checked.result,
+        checked.latency_ms,
+        Some(context),
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::constitution::Severity;
+    use crate::evaluate::{Evidence, RuleResult};
+
+    fn rule(id: &str, action: Action, score: f32, threshold: f32) -> RuleResult {
+        RuleResult {
+            id: id.into(),
+            category: "c".into(),
+            severity: Severity::High,
+            action,
+            score,
+            threshold,
+            violated: score > threshold,
+            evidence: Evidence {
+                exemplar: format!("{id} {score}"),
+                similarity: score,
+                compliant_exemplar: None,
+                compliant_similarity: None,
+                span: None,
+            },
+        }
+    }
+
+    fn result(rules: Vec<RuleResult>) -> TextResult {
+        let risk = rules
+            .iter()
+            .map(|r| r.score - r.threshold)
+            .fold(f32::NEG_INFINITY, f32::max);
+        TextResult {
+            verdict: if rules.iter().any(|r| r.violated) {
+                Verdict::Fail
+            } else {
+                Verdict::Pass
+            },
+            risk,
+            tokens: 10,
+            windows: 0,
+            rules,
+        }
+    }
+
+    #[test]
+    fn the_strictest_violated_action_wins() {
+        let r = |a: f32, b: f32, c: f32| {
+            result(vec![
+                rule("flag", Action::Flag, a, 0.0),
+                rule("revise", Action::Revise, b, 0.0),
+                rule("block", Action::Block, c, 0.0),
+            ])
+        };
+        assert_eq!(decide(&r(-1.0, -1.0, -1.0)), Decision::Pass);
+        assert_eq!(decide(&r(0.5, -1.0, -1.0)), Decision::Flag);
+        assert_eq!(decide(&r(0.5, 0.5, -1.0)), Decision::Revise);
+        assert_eq!(decide(&r(0.5, 0.5, 0.5)), Decision::Block);
+        assert_eq!(decide(&r(-1.0, -1.0, 0.5)), Decision::Block);
+        assert_eq!(Decision::Revise.for_prompt(), Decision::Block);
+        assert_eq!(Decision::Flag.for_prompt(), Decision::Flag);
+    }
+
+    #[test]
+    fn merging_keeps_each_rules_worst_part() {
+        let a = result(vec![
+            rule("x", Action::Block, 0.2, 0.0),
+            rule("y", Action::Flag, -0.5, 0.0),
+        ]);
+        let b = result(vec![
+            rule("x", Action::Block, 0.1, 0.0),
+            rule("y", Action::Flag, -0.1, 0.0),
+        ]);
+        let m = merge(vec![a, b]).unwrap();
+        assert_eq!(m.verdict, Verdict::Fail);
+        assert_eq!(m.rules[0].score, 0.2);
+        assert!(m.rules[0].violated);
+        assert_eq!(m.rules[1].score, -0.1);
+        assert_eq!(m.rules[1].evidence.exemplar, "y -0.1");
+        assert!(!m.rules[1].violated);
+        assert!((m.risk - 0.2).abs() < 1e-6);
+        assert_eq!(m.tokens, 20);
+        assert!(merge(vec![]).is_none());
+    }
+
+    #[test]
+    fn chunks_cover_the_text_with_overlap() {
+        assert_eq!(chunks("short", 10), vec!["short"]);
+        let text: String = (0..50).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let parts = chunks(&text, 20);
+        assert!(parts.iter().all(|p| p.chars().count() <= 20));
+        assert_eq!(parts[0], &text[..20]);
+        assert!(text.ends_with(parts.last().unwrap()));
+        // Overlap: each chunk starts inside the previous one.
+        assert_eq!(&parts[1][..5], &text[15..20]);
+        let zh = "一二三四五六七八九十".repeat(3);
+        let parts = chunks(&zh, 8);
+        assert!(parts.iter().all(|p| p.chars().count() <= 8));
+        assert!(zh.ends_with(parts.last().unwrap()));
+    }
+
+    #[test]
+    fn windows_carry_context_and_cover_everything_once() {
+        let text = "abcdefghij";
+        assert_eq!(windows(text, 4, 2), vec!["abcd", "cdefgh", "ghij"]);
+        assert_eq!(windows(text, 20, 5), vec![text]);
+        assert_eq!(windows("", 4, 2), vec![""]);
+        assert_eq!(windows("一二三四五", 2, 1), vec!["一二", "二三四", "四五"]);
+    }
+
+    #[test]
+    fn tail_counts_characters() {
+        assert_eq!(tail("一二三四", 2), "三四");
+        assert_eq!(tail("abc", 5), "abc");
+    }
+}

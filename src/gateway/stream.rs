@@ -1,0 +1,523 @@
+//! Guarded streaming: upstream events in, events out, and no output text reaches the
+//! client before it has been evaluated.
+//!
+//! Text deltas are held back (with any event that arrives between them, so order is kept)
+//! until `gateway.hold_back_chars` characters are waiting or the text block ends; then the
+//! held text is evaluated together with the last `gateway.context_chars` characters
+//! already released (so a sentence cut by a window boundary is still seen whole) and,
+//! when it passes, released as one `text_delta`. Each window costs one evaluation of at
+//! most `context_chars + hold_back_chars` (+ one delta) characters, so the cost is linear
+//! in the output and memory is bounded. Thinking and tool-use blocks pass as they come.
+//!
+//! On a violation (a block or revise rule: a half-sent answer cannot be revised) the held
+//! text is dropped, the open block is closed, a text block with the refusal notice is
+//! added, then `message_delta` with `stop_reason: "refusal"` and `message_stop`, and
+//! upstream is hung up on. Exactly one `message_start` reaches the client, and every
+//! stream ends with `message_stop` or an `error` event (upstream `error` events are passed
+//! on; a cut connection, an unreadable event or a failed evaluation become one), never a
+//! bare close. The audit record of the output (what was checked, released and withheld)
+//! is handed to the sink before the final events are sent.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::Response;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::error::{error_body, GatewayError};
+use super::messages::{self, ActionTaken, Charter};
+use super::review::{self, Decision};
+use super::sse::{self, SseParser};
+use super::{add_headers, note_violations, sse_response, upstream, Exchange};
+use crate::engine::Kind;
+use crate::evaluate::{Index, TextResult};
+
+/// Events queued towards the client; small, so a slow client slows the upstream read
+/// instead of growing memory.
+const CLIENT_QUEUE: usize = 16;
+
+/// Largest single upstream event accepted (text deltas are a few bytes; tool inputs and
+/// signatures arrive in many small deltas).
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Starts guarding `response` and answers the client with the guarded stream.
+pub fn guard(ex: Exchange, response: reqwest::Response, meta: Charter) -> Response {
+    let headers = upstream::forward_response_headers(response.headers(), true);
+    let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_QUEUE);
+    // The verdict is not known yet: the headers name the evaluation and the constitution;
+    // the outcome comes in `message_delta`'s `charter` field.
+    let id_headers: Vec<(&'static str, String)> = meta
+        .headers()
+        .into_iter()
+        .filter(|(name, _)| {
+            matches!(
+                *name,
+                "x-charter-id" | "x-charter-constitution" | "x-charter-constitution-version"
+            )
+        })
+        .collect();
+    let config = &ex.gw.app.config().gateway;
+    let guard = Guard {
+        hold_back: config.hold_back_chars,
+        context_chars: config.context_chars,
+        ex,
+        meta,
+        tx,
+        held: Vec::new(),
+        held_chars: 0,
+        text_block: None,
+        open_block: None,
+        next_index: 0,
+        context: String::new(),
+        released_chars: 0,
+        checked_chars: 0,
+        checked_text: String::new(),
+        windows: 0,
+        merged: None,
+        index: None,
+        eval_ms: 0.0,
+        output_tokens: 0,
+        started: false,
+        recorded: false,
+    };
+    tokio::spawn(guard.run(response).in_current_span());
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
+    });
+    let mut out = sse_response(StatusCode::OK, headers, Body::from_stream(body));
+    add_headers(&mut out, &id_headers);
+    out
+}
+
+/// Text or another event waiting for the held text's evaluation.
+enum Held {
+    Text { index: u64, text: String },
+    Event(Bytes),
+}
+
+/// Whether to keep reading upstream.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Guard {
+    ex: Exchange,
+    meta: Charter,
+    tx: mpsc::Sender<Bytes>,
+    hold_back: usize,
+    context_chars: usize,
+    held: Vec<Held>,
+    held_chars: usize,
+    /// Index of the open text block.
+    text_block: Option<u64>,
+    /// Index of the open block of any type.
+    open_block: Option<u64>,
+    /// One past the highest block index seen (where a notice block goes).
+    next_index: u64,
+    /// The end of the released text, evaluated again with the next window.
+    context: String,
+    released_chars: usize,
+    checked_chars: usize,
+    /// Every character evaluated (released or withheld), for the audit record.
+    checked_text: String,
+    windows: usize,
+    merged: Option<TextResult>,
+    index: Option<Arc<Index>>,
+    eval_ms: f64,
+    /// Latest output token count upstream reported.
+    output_tokens: u64,
+    started: bool,
+    recorded: bool,
+}
+
+impl Guard {
+    async fn run(mut self, response: reqwest::Response) {
+        let mut body = response.bytes_stream();
+        let mut parser = SseParser::new(MAX_EVENT_BYTES.max(self.hold_back * 8));
+        loop {
+            // A client that hangs up stops the upstream read at once (and so the
+            // generation upstream), not at the next event.
+            let next = tokio::select! {
+                chunk = body.next() => Some(chunk),
+                _ = self.tx.closed() => None,
+            };
+            let Some(chunk) = next else {
+                self.finish("client_disconnected");
+                return;
+            };
+            let chunk = match chunk {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(err)) => {
+                    let err = upstream::transport_error(err);
+                    tracing::warn!(error = %err, "upstream stream failed");
+                    let kind = match err {
+                        GatewayError::UpstreamTimeout => "timeout_error",
+                        _ => "api_error",
+                    };
+                    self.fail("upstream_failed", kind, "the upstream stream failed")
+                        .await;
+                    return;
+                }
+                None => {
+                    tracing::warn!(
+                        partial_event = parser.has_partial(),
+                        "upstream stream ended before message_stop"
+                    );
+                    self.fail(
+                        "upstream_ended_early",
+                        "api_error",
+                        "the upstream stream ended before message_stop",
+                    )
+                    .await;
+                    return;
+                }
+            };
+            let events = match parser.push(&chunk) {
+                Ok(events) => events,
+                Err(err) => {
+                    tracing::warn!(error = %err, "unreadable upstream stream");
+                    self.fail(
+                        "upstream_unreadable",
+                        "api_error",
+                        "the upstream stream could not be read",
+                    )
+                    .await;
+                    return;
+                }
+            };
+            for event in events {
+                if self.handle(event).await == Flow::Stop {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: sse::SseEvent) -> Flow {
+        let raw = event.to_bytes();
+        let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+        let kind = data["type"]
+            .as_str()
+            .or(event.event.as_deref())
+            .unwrap_or("")
+            .to_string();
+        match kind.as_str() {
+            "message_start" => {
+                if self.started {
+                    tracing::warn!("upstream sent a second message_start; dropped");
+                    return Flow::Continue;
+                }
+                self.started = true;
+                if let Some(n) = data["message"]["usage"]["output_tokens"].as_u64() {
+                    self.output_tokens = n;
+                }
+                self.send(raw).await
+            }
+            "content_block_start" => {
+                if self.release().await == Flow::Stop {
+                    return Flow::Stop;
+                }
+                let index = data["index"].as_u64().unwrap_or(self.next_index);
+                self.next_index = self.next_index.max(index + 1);
+                self.open_block = Some(index);
+                let block = &data["content_block"];
+                if block["type"].as_str() != Some("text") {
+                    return self.send(raw).await;
+                }
+                self.text_block = Some(index);
+                let initial = block["text"].as_str().unwrap_or("");
+                if initial.is_empty() {
+                    return self.send(raw).await;
+                }
+                // Text in the start event is held like a delta; the start goes out empty.
+                let text = initial.to_string();
+                let mut start = data.clone();
+                start["content_block"]["text"] = json!("");
+                if self.send(sse::event(&start)).await == Flow::Stop {
+                    return Flow::Stop;
+                }
+                self.hold_text(index, text).await
+            }
+            "content_block_delta" => {
+                let index = data["index"].as_u64();
+                let delta = &data["delta"];
+                if index.is_some()
+                    && index == self.text_block
+                    && delta["type"].as_str() == Some("text_delta")
+                {
+                    let text = delta["text"].as_str().unwrap_or("").to_string();
+                    self.hold_text(index.unwrap_or(0), text).await
+                } else {
+                    self.send_in_order(raw).await
+                }
+            }
+            "content_block_stop" => {
+                if self.release().await == Flow::Stop {
+                    return Flow::Stop;
+                }
+                if data["index"].as_u64() == self.text_block {
+                    self.text_block = None;
+                }
+                self.open_block = None;
+                self.send(raw).await
+            }
+            "message_delta" => {
+                if self.release().await == Flow::Stop {
+                    return Flow::Stop;
+                }
+                if let Some(n) = data["usage"]["output_tokens"].as_u64() {
+                    self.output_tokens = n;
+                }
+                self.finish("message_stop");
+                let mut delta = data;
+                delta["charter"] = json!(self.meta);
+                self.send(sse::event(&delta)).await
+            }
+            "message_stop" => {
+                // A stream without message_delta is still recorded before it ends.
+                self.finish("message_stop");
+                self.send(raw).await;
+                Flow::Stop
+            }
+            "error" => {
+                // Unevaluated text never reaches the client; the error does.
+                self.drop_held();
+                tracing::info!(error = %data["error"]["type"], "upstream error event passed on");
+                self.finish("upstream_error");
+                self.send(raw).await;
+                Flow::Stop
+            }
+            // ping and event types added later: passed on, in order.
+            _ => self.send_in_order(raw).await,
+        }
+    }
+
+    /// Holds a piece of text; evaluates and releases once the window is full.
+    async fn hold_text(&mut self, index: u64, text: String) -> Flow {
+        self.held_chars += text.chars().count();
+        self.held.push(Held::Text { index, text });
+        if self.held_chars >= self.hold_back {
+            self.release().await
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// Sends an event now, or after the held text if there is some (order is kept).
+    async fn send_in_order(&mut self, raw: Bytes) -> Flow {
+        if self.held.is_empty() {
+            self.send(raw).await
+        } else {
+            self.held.push(Held::Event(raw));
+            Flow::Continue
+        }
+    }
+
+    fn drop_held(&mut self) {
+        self.held.clear();
+        self.held_chars = 0;
+    }
+
+    /// Evaluates the held text (with context) and releases it if it passes; blocks the
+    /// stream if it does not.
+    async fn release(&mut self) -> Flow {
+        if self.held.is_empty() {
+            return Flow::Continue;
+        }
+        let text: String = self
+            .held
+            .iter()
+            .filter_map(|h| match h {
+                Held::Text { text, .. } => Some(text.as_str()),
+                Held::Event(_) => None,
+            })
+            .collect();
+        if !text.trim().is_empty() {
+            let window = format!("{}{}", self.context, text);
+            let checked = match review::check(
+                &self.ex.gw.app,
+                &self.ex.engine,
+                &window,
+                &self.ex.constitution,
+            )
+            .await
+            {
+                Ok(checked) => checked,
+                Err(err) => {
+                    tracing::warn!(error = %err, "stream window could not be evaluated");
+                    let (_, kind, message) = err.parts();
+                    self.drop_held();
+                    self.fail("evaluation_failed", kind, &message).await;
+                    return Flow::Stop;
+                }
+            };
+            self.windows += 1;
+            self.eval_ms += checked.latency_ms;
+            self.checked_chars += self.held_chars;
+            self.checked_text.push_str(&text);
+            note_violations(&mut self.meta, &checked);
+            let decision = review::decide(&checked.result);
+            self.index = Some(Arc::clone(&checked.index));
+            self.merged = Some(match self.merged.take() {
+                Some(m) => review::merge_two(m, checked.result),
+                None => checked.result,
+            });
+            match decision {
+                Decision::Pass => {}
+                Decision::Flag => {
+                    self.meta.action = ActionTaken::Flag;
+                    self.meta.failed.get_or_insert("output");
+                }
+                Decision::Revise | Decision::Block => {
+                    self.block().await;
+                    return Flow::Stop;
+                }
+            }
+        }
+        // Released: consecutive text pieces as one delta, other events as they came.
+        let held = std::mem::take(&mut self.held);
+        let released = self.held_chars;
+        self.held_chars = 0;
+        let mut pending: Option<(u64, String)> = None;
+        let mut out: Vec<Bytes> = Vec::new();
+        for item in held {
+            match item {
+                Held::Text { index, text } => match &mut pending {
+                    Some((i, t)) if *i == index => t.push_str(&text),
+                    _ => {
+                        if let Some((i, t)) = pending.take() {
+                            out.push(text_delta(i, &t));
+                        }
+                        pending = Some((index, text));
+                    }
+                },
+                Held::Event(raw) => {
+                    if let Some((i, t)) = pending.take() {
+                        out.push(text_delta(i, &t));
+                    }
+                    out.push(raw);
+                }
+            }
+        }
+        if let Some((i, t)) = pending.take() {
+            out.push(text_delta(i, &t));
+        }
+        self.released_chars += released;
+        self.context.push_str(&text);
+        self.context = review::tail(&self.context, self.context_chars).to_string();
+        for bytes in out {
+            if self.send(bytes).await == Flow::Stop {
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Ends the stream with the refusal notice.
+    async fn block(&mut self) {
+        let withheld = self.held_chars;
+        self.drop_held();
+        self.meta.action = ActionTaken::Block;
+        self.meta.failed = Some("output");
+        self.finish_with("blocked", withheld);
+        let mut events = Vec::new();
+        if let Some(index) = self.open_block.take() {
+            events.push(json!({"type": "content_block_stop", "index": index}));
+        }
+        let refusal = self.ex.gw.app.config().gateway.refusal_message.clone();
+        events.extend(messages::notice_block_events(self.next_index, &refusal));
+        events.extend(messages::end_events(
+            self.output_tokens,
+            "refusal",
+            &self.meta,
+        ));
+        for event in events {
+            if self.send(sse::event(&event)).await == Flow::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Ends the stream with an error event (after recording what was checked).
+    async fn fail(&mut self, ended: &str, kind: &str, message: &str) {
+        self.drop_held();
+        self.finish(ended);
+        self.send(sse::event(&error_body(kind, message))).await;
+    }
+
+    fn finish(&mut self, ended: &str) {
+        self.finish_with(ended, self.held_chars);
+    }
+
+    /// Hands the output's audit record to the sink (once; nothing when no text was
+    /// evaluated) and completes the metadata.
+    fn finish_with(&mut self, ended: &str, withheld_chars: usize) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        self.meta.released_chars = Some(self.released_chars);
+        let (Some(index), Some(result)) = (&self.index, &self.merged) else {
+            return;
+        };
+        self.meta.checked.push("output");
+        let checked = review::Checked {
+            index: Arc::clone(index),
+            result: result.clone(),
+            chars: self.checked_chars,
+            chunks: self.windows,
+            latency_ms: self.eval_ms,
+        };
+        let context = json!({
+            "part": "output",
+            "stream": true,
+            "checked": "every text delta, in windows of held-back text plus context",
+            "windows": self.windows,
+            "hold_back_chars": self.hold_back,
+            "context_chars": self.context_chars,
+            "checked_chars": self.checked_chars,
+            "released_chars": self.released_chars,
+            "withheld_chars": withheld_chars,
+            "action": self.meta.action.as_str(),
+            "ended": ended,
+            "output_tokens_reported": self.output_tokens,
+            "request_id": self.ex.request_id,
+        });
+        review::record(
+            &self.ex.gw.app,
+            format!("{}.output", self.ex.id),
+            self.ex.key_id.clone(),
+            Kind::Response,
+            &checked,
+            &self.checked_text,
+            context,
+        );
+    }
+
+    async fn send(&mut self, bytes: Bytes) -> Flow {
+        match self.tx.send(bytes).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => {
+                self.finish("client_disconnected");
+                Flow::Stop
+            }
+        }
+    }
+}
+
+fn text_delta(index: u64, text: &str) -> Bytes {
+    sse::event(&json!({
+        "type": "content_block_delta",
+        "index": index,
+        "delta": {"type": "text_delta", "text": text},
+    }))
+}
