@@ -70,6 +70,7 @@ pub fn guard(ex: Exchange, response: reqwest::Response, meta: Charter) -> Respon
         tx,
         held: Vec::new(),
         held_chars: 0,
+        carried: 0,
         text_block: None,
         open_block: None,
         next_index: 0,
@@ -117,6 +118,8 @@ struct Guard {
     context_chars: usize,
     held: Vec<Held>,
     held_chars: usize,
+    /// Held characters already evaluated once (an unfinished sentence carried over).
+    carried: usize,
     /// Index of the open text block.
     text_block: Option<u64>,
     /// Index of the open block of any type.
@@ -223,7 +226,7 @@ impl Guard {
                 self.send(raw).await
             }
             "content_block_start" => {
-                if self.release().await == Flow::Stop {
+                if self.release(true).await == Flow::Stop {
                     return Flow::Stop;
                 }
                 let index = data["index"].as_u64().unwrap_or(self.next_index);
@@ -261,7 +264,7 @@ impl Guard {
                 }
             }
             "content_block_stop" => {
-                if self.release().await == Flow::Stop {
+                if self.release(true).await == Flow::Stop {
                     return Flow::Stop;
                 }
                 if data["index"].as_u64() == self.text_block {
@@ -271,7 +274,7 @@ impl Guard {
                 self.send(raw).await
             }
             "message_delta" => {
-                if self.release().await == Flow::Stop {
+                if self.release(true).await == Flow::Stop {
                     return Flow::Stop;
                 }
                 if let Some(n) = data["usage"]["output_tokens"].as_u64() {
@@ -301,12 +304,12 @@ impl Guard {
         }
     }
 
-    /// Holds a piece of text; evaluates and releases once the window is full.
+    /// Holds a piece of text; evaluates once `hold_back` new characters wait.
     async fn hold_text(&mut self, index: u64, text: String) -> Flow {
         self.held_chars += text.chars().count();
         self.held.push(Held::Text { index, text });
-        if self.held_chars >= self.hold_back {
-            self.release().await
+        if self.held_chars - self.carried >= self.hold_back {
+            self.release(false).await
         } else {
             Flow::Continue
         }
@@ -325,11 +328,14 @@ impl Guard {
     fn drop_held(&mut self) {
         self.held.clear();
         self.held_chars = 0;
+        self.carried = 0;
     }
 
-    /// Evaluates the held text (with context) and releases it if it passes; blocks the
-    /// stream if it does not.
-    async fn release(&mut self) -> Flow {
+    /// Evaluates the held text (with context) and, if it passes, releases it: all of it
+    /// when `all` (the block or message ends), else up to its last sentence end, so an
+    /// unfinished sentence is judged again, whole, in the next window. Blocks the stream
+    /// if it does not pass.
+    async fn release(&mut self, all: bool) -> Flow {
         if self.held.is_empty() {
             return Flow::Continue;
         }
@@ -362,8 +368,13 @@ impl Guard {
             };
             self.windows += 1;
             self.eval_ms += checked.latency_ms;
-            self.checked_chars += self.held_chars;
-            self.checked_text.push_str(&text);
+            // Text carried over from the last window was counted then.
+            let new_from = text
+                .char_indices()
+                .nth(self.carried)
+                .map_or(text.len(), |(i, _)| i);
+            self.checked_chars += self.held_chars - self.carried;
+            self.checked_text.push_str(&text[new_from..]);
             note_violations(&mut self.meta, &checked);
             let decision = review::decide(&checked.result);
             self.index = Some(Arc::clone(&checked.index));
@@ -383,23 +394,42 @@ impl Guard {
                 }
             }
         }
-        // Released: consecutive text pieces as one delta, other events as they came.
+        let cut = if all {
+            text.len()
+        } else {
+            sentence_cut(&text).unwrap_or(text.len())
+        };
+        // Released: consecutive text pieces as one delta, other events as they came;
+        // what follows the cut stays held, in order.
         let held = std::mem::take(&mut self.held);
-        let released = self.held_chars;
-        self.held_chars = 0;
+        let mut offset = 0;
         let mut pending: Option<(u64, String)> = None;
         let mut out: Vec<Bytes> = Vec::new();
         for item in held {
+            if offset >= cut {
+                self.held.push(item);
+                continue;
+            }
             match item {
-                Held::Text { index, text } => match &mut pending {
-                    Some((i, t)) if *i == index => t.push_str(&text),
-                    _ => {
-                        if let Some((i, t)) = pending.take() {
-                            out.push(text_delta(i, &t));
+                Held::Text { index, text: piece } => {
+                    let (now, later) = piece.split_at((cut - offset).min(piece.len()));
+                    offset += piece.len();
+                    match &mut pending {
+                        Some((i, t)) if *i == index => t.push_str(now),
+                        _ => {
+                            if let Some((i, t)) = pending.take() {
+                                out.push(text_delta(i, &t));
+                            }
+                            pending = Some((index, now.to_string()));
                         }
-                        pending = Some((index, text));
                     }
-                },
+                    if !later.is_empty() {
+                        self.held.push(Held::Text {
+                            index,
+                            text: later.to_string(),
+                        });
+                    }
+                }
                 Held::Event(raw) => {
                     if let Some((i, t)) = pending.take() {
                         out.push(text_delta(i, &t));
@@ -411,8 +441,12 @@ impl Guard {
         if let Some((i, t)) = pending.take() {
             out.push(text_delta(i, &t));
         }
-        self.released_chars += released;
-        self.context.push_str(&text);
+        let released = &text[..cut];
+        let released_chars = released.chars().count();
+        self.released_chars += released_chars;
+        self.held_chars -= released_chars;
+        self.carried = self.held_chars;
+        self.context.push_str(released);
         self.context = review::tail(&self.context, self.context_chars).to_string();
         for bytes in out {
             if self.send(bytes).await == Flow::Stop {
@@ -514,10 +548,45 @@ impl Guard {
     }
 }
 
+/// Byte offset just after the last sentence end in `text` (a terminator followed by
+/// whitespace, or a CJK terminator or newline anywhere), if that is not the very end.
+fn sentence_cut(text: &str) -> Option<usize> {
+    let mut cut = None;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end = i + c.len_utf8();
+        let next_is_space = chars.peek().is_some_and(|(_, n)| n.is_whitespace());
+        let is_end = match c {
+            '.' | '!' | '?' | ';' | ':' => next_is_space,
+            '\n' | '。' | '！' | '？' | '；' => true,
+            _ => false,
+        };
+        if is_end && end < text.len() {
+            cut = Some(end);
+        }
+    }
+    cut
+}
+
 fn text_delta(index: u64, text: &str) -> Bytes {
     sse::event(&json!({
         "type": "content_block_delta",
         "index": index,
         "delta": {"type": "text_delta", "text": text},
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sentence_cut;
+
+    #[test]
+    fn cuts_after_the_last_finished_sentence() {
+        assert_eq!(sentence_cut("One. Two. Thr"), Some(9));
+        assert_eq!(sentence_cut("Version 2.5 is out"), None);
+        assert_eq!(sentence_cut("Ends here."), None);
+        assert_eq!(sentence_cut("第一句。第二"), Some("第一句。".len()));
+        assert_eq!(sentence_cut("line\nnext"), Some(5));
+        assert_eq!(sentence_cut("no boundary at all"), None);
+    }
 }

@@ -702,11 +702,15 @@ async fn stream_is_cut_with_a_refusal_when_the_output_turns_harmful() {
     assert_eq!(blocks.len(), 2, "{m}");
     let released = blocks[0]["text"].as_str().unwrap();
     assert!(
-        !released.is_empty(),
-        "benign text before the violation is released"
+        released.chars().count() > 600,
+        "benign text before the violation is released: {released}"
     );
-    assert!(mock::benign_prefix().starts_with(released), "{released}");
-    assert!(!released.contains("pipe"));
+    // Released up to the last finished sentence before the violating one.
+    assert!(
+        mock::long_harmful_text().starts_with(released),
+        "{released}"
+    );
+    assert!(!released.contains("pipe"), "{released}");
     assert_eq!(blocks[1]["text"], h.refusal.as_str());
     assert!(!String::from_utf8_lossy(&answer.bytes).contains("gunpowder"));
     let charter = &m["charter"];

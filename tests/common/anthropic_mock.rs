@@ -182,10 +182,12 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     };
     let h = response.headers_mut();
     h.insert("request-id", request_id.parse().unwrap());
-    h.insert(
-        "anthropic-ratelimit-requests-remaining",
-        "99".parse().unwrap(),
-    );
+    if !h.contains_key("anthropic-ratelimit-requests-remaining") {
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            "99".parse().unwrap(),
+        );
+    }
     response
 }
 
