@@ -6,13 +6,14 @@
 //! requests of each kind directly against the mock and through the gateway, over
 //! keep-alive connections on loopback:
 //! - non-streaming `POST /v1/messages`: whole-response latency, p50 / p99;
-//! - streaming `POST /v1/messages` (`stream: true`): time to the first body byte and to
-//!   the end of the stream, p50 / p99.
+//! - streaming `POST /v1/messages` (`stream: true`, ~950 characters in 136 text
+//!   deltas): time to the first body byte and to the end of the stream, p50 / p99.
+//!
+//! Direct and gateway requests alternate, so both see the same machine load.
 //!
 //! The added latency is gateway minus direct. Figures go to BENCHMARKS.md.
 
 #[path = "../tests/common/anthropic_mock.rs"]
-#[allow(dead_code)]
 mod anthropic_mock;
 
 use std::sync::Arc;
@@ -68,25 +69,29 @@ async fn main() {
         "{:<34} {:>9} {:>9} {:>9}",
         "measurement", "p50 ms", "p99 ms", "mean ms"
     );
-    let mut rows = Vec::new();
-    for (label, base) in [("direct", mock.url()), ("gateway", gateway.clone())] {
-        // Warm-up: connections, allocator, caches.
-        for _ in 0..50 {
-            time(&client, &base, &plain, false).await;
+    let bases = [mock.url(), gateway.clone()];
+    // Warm-up: connections, allocator, caches.
+    for _ in 0..50 {
+        for base in &bases {
+            time(&client, base, &plain, false).await;
+            time(&client, base, &streamed, true).await;
         }
-        let mut total = Vec::with_capacity(n);
-        for _ in 0..n {
-            total.push(time(&client, &base, &plain, false).await.1);
-        }
-        let mut first = Vec::with_capacity(n);
-        let mut whole = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (f, w) = time(&client, &base, &streamed, true).await;
-            first.push(f);
-            whole.push(w);
-        }
-        rows.push((label, stats(total), stats(first), stats(whole)));
     }
+    // Direct and gateway requests alternate, so both see the same machine load.
+    let mut samples: [[Vec<f64>; 3]; 2] = Default::default();
+    for _ in 0..n {
+        for (k, base) in bases.iter().enumerate() {
+            samples[k][0].push(time(&client, base, &plain, false).await.1);
+            let (first, whole) = time(&client, base, &streamed, true).await;
+            samples[k][1].push(first);
+            samples[k][2].push(whole);
+        }
+    }
+    let rows: Vec<(&str, _, _, _)> = ["direct", "gateway"]
+        .into_iter()
+        .zip(samples)
+        .map(|(label, [total, first, whole])| (label, stats(total), stats(first), stats(whole)))
+        .collect();
     for (label, total, first, whole) in &rows {
         print_row(&format!("{label}: non-streaming"), total);
         print_row(&format!("{label}: stream first byte"), first);

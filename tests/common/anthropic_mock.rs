@@ -17,6 +17,7 @@
 //! | `mock-429`, `mock-529` | rate-limit / overloaded errors with retry headers |
 //! | `mock-midstream-error` | a stream that sends some text, then an `error` event |
 //! | `mock-cut` | a stream whose connection closes after some text |
+//! | `bench-long` | ~950 benign characters, streamed without pauses (the benchmark) |
 //!
 //! Critique and revision calls (system prompts starting "You review" / "You rewrite") get a
 //! critique and a rewrite whatever the model.
@@ -302,6 +303,7 @@ fn messages(body: &[u8], n: u64) -> Response {
             }
             "mock-long-harmful" => (vec![text_block(&long_harmful_text())], "end_turn"),
             "mock-midstream-error" | "mock-cut" => (vec![text_block(PARTIAL_TEXT)], "end_turn"),
+            "bench-long" => (vec![text_block(&benign_prefix())], "end_turn"),
             _ => (vec![text_block(PLAIN_TEXT)], "end_turn"),
         }
     };
@@ -335,7 +337,11 @@ fn messages(body: &[u8], n: u64) -> Response {
         "mock-cut" => Ending::Cut,
         _ => Ending::Complete,
     };
-    sse(stream_events(&message, ending))
+    // The benchmark measures the proxy, not simulated network pauses.
+    sse(
+        stream_events(&message, ending),
+        !model.starts_with("bench-"),
+    )
 }
 
 fn text_block(text: &str) -> Value {
@@ -431,19 +437,17 @@ fn stream_events(message: &Value, ending: Ending) -> Vec<String> {
 
 /// An SSE response whose bytes arrive in uneven chunks (events split mid-line), with a
 /// pause now and then, as over a real network.
-fn sse(events: Vec<String>) -> Response {
+fn sse(events: Vec<String>, pauses: bool) -> Response {
     let bytes = events.concat().into_bytes();
-    let chunks: Vec<Bytes> = bytes
-        .chunks(61)
-        .map(|c| Bytes::copy_from_slice(c))
-        .collect();
-    let stream =
-        futures_util::stream::iter(chunks.into_iter().enumerate()).then(|(i, chunk)| async move {
-            if i % 16 == 15 {
+    let chunks: Vec<Bytes> = bytes.chunks(61).map(Bytes::copy_from_slice).collect();
+    let stream = futures_util::stream::iter(chunks.into_iter().enumerate()).then(
+        move |(i, chunk)| async move {
+            if pauses && i % 16 == 15 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             Ok::<_, std::convert::Infallible>(chunk)
-        });
+        },
+    );
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(
         "content-type",
