@@ -35,6 +35,8 @@ pub struct Config {
     pub scoring: ScoringConfig,
     pub log: LogConfig,
     pub gateway: GatewayConfig,
+    pub database: DatabaseConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,8 +172,62 @@ pub struct GatewayConfig {
     pub refusal_message: String,
 }
 
-/// A secret setting: usable, never shown by `Debug`.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://FILE[?mode=rwc]` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
+    pub url: Secret,
+    /// Connection pool size.
+    pub max_connections: u32,
+    /// How long one attempt waits for a connection.
+    pub connect_timeout_secs: u64,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Keep audit records in the database; `false` only logs them.
+    pub enabled: bool,
+    /// What is stored of each evaluated text.
+    pub text: TextPolicy,
+    /// Key of the salted text hash (`text = "hash"`).
+    pub text_salt: Secret,
+    /// Records waiting in memory for the database writer.
+    pub queue_capacity: usize,
+    /// Most records per database transaction.
+    pub batch_size: usize,
+    /// Folder of this process's spool (journal) files; one process per folder.
+    pub spool_dir: PathBuf,
+    /// Spool size beyond which records cannot be spooled.
+    pub spool_max_bytes: u64,
+    /// Interval of the spool's group fsync; 0 syncs every record before the response.
+    pub fsync_interval_ms: u64,
+    /// On shutdown, how long queued records may take to reach the database.
+    pub flush_timeout_secs: u64,
+    /// Age in days after which records are purged; 0 keeps them.
+    pub retention_days: u64,
+    /// Seconds between purges.
+    pub purge_interval_secs: u64,
+}
+
+/// What the audit store keeps of an evaluated text.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TextPolicy {
+    /// The text itself.
+    Full,
+    /// HMAC-SHA256 of the text keyed with `audit.text_salt`: equal texts can be matched,
+    /// the text cannot be read.
+    Hash,
+    /// Nothing.
+    None,
+}
+
+/// A configuration value that must never be printed (passwords in URLs, salts): its
+/// `Debug` shows only whether it is set.
+#[derive(Clone, Deserialize, PartialEq, Eq, Default)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -187,7 +243,11 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret([redacted])")
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
     }
 }
 
@@ -232,7 +292,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every value; errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, message: &str| {
             Err(ConfigError::Invalid {
                 field,
@@ -267,6 +328,40 @@ impl Config {
                 "scoring.window_stride",
                 "must be between 1 and scoring.window_tokens",
             );
+        }
+        let url = self.database.url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return invalid(
+                "database.url",
+                "must start with sqlite: or postgres:// (e.g. sqlite://charter.db?mode=rwc)",
+            );
+        }
+        if self.database.max_connections < 2 {
+            return invalid(
+                "database.max_connections",
+                "must be at least 2 (one writer, one for queries)",
+            );
+        }
+        if self.database.connect_timeout_secs == 0 {
+            return invalid("database.connect_timeout_secs", "must be at least 1");
+        }
+        if self.audit.text == TextPolicy::Hash && self.audit.text_salt.expose().len() < 16 {
+            return invalid(
+                "audit.text_salt",
+                "must be at least 16 characters when audit.text = \"hash\"",
+            );
+        }
+        if self.audit.queue_capacity == 0 || self.audit.batch_size == 0 {
+            return invalid(
+                "audit.queue_capacity",
+                "audit.queue_capacity and audit.batch_size must be at least 1",
+            );
+        }
+        if self.audit.purge_interval_secs == 0 {
+            return invalid("audit.purge_interval_secs", "must be at least 1");
         }
         self.gateway.validate()
     }
@@ -402,6 +497,30 @@ mod tests {
         let err = Config::load_from(None, env(&[("CHARTER__SERVER__BIND", "not-an-address")]))
             .unwrap_err();
         assert!(err.to_string().contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn audit_settings_validate_and_hide_secrets() {
+        let err = Config::load_from(None, env(&[("CHARTER__AUDIT__TEXT", "hash")])).unwrap_err();
+        assert!(err.to_string().contains("audit.text_salt"), "{err}");
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("CHARTER__AUDIT__TEXT", "hash"),
+                ("CHARTER__AUDIT__TEXT_SALT", "pepper-pepper-pepper"),
+                (
+                    "CHARTER__DATABASE__URL",
+                    "postgres://charter:hunter2@db:5432/charter",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.audit.text, TextPolicy::Hash);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pepper") && !shown.contains("hunter2"), "{shown}");
+        let err = Config::load_from(None, env(&[("CHARTER__DATABASE__URL", "mysql://x")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("database.url"), "{err}");
     }
 
     #[test]

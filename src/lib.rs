@@ -15,6 +15,7 @@
 //! - [`audit`]: the audit record of every answered evaluation and the sink it goes to.
 //! - [`gateway`]: the Anthropic Messages proxy (screen, evaluate, critique/revise, guarded
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
+//! - [`store`]: the audit store: spool file, batched writer, SQLite/PostgreSQL, queries.
 //! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
 //! - `main.rs`: the CLI (`serve`, `check`, `eval`); thin.
 //!
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod evaluate;
 pub mod gateway;
 pub mod http;
+pub mod store;
 
 use std::future::{Future, IntoFuture};
 use std::sync::{Arc, OnceLock};
@@ -41,6 +43,7 @@ use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::error::AppError;
+use crate::store::Store;
 
 /// Shared state of the HTTP handlers: configuration and, once loaded, the engine.
 #[derive(Clone)]
@@ -52,6 +55,7 @@ struct AppInner {
     config: Config,
     engine: OnceLock<Arc<Engine>>,
     audit: Arc<dyn AuditSink>,
+    store: Option<Arc<Store>>,
 }
 
 impl AppState {
@@ -61,6 +65,19 @@ impl AppState {
                 config,
                 engine: OnceLock::new(),
                 audit,
+                store: None,
+            }),
+        }
+    }
+
+    /// A state whose audit records go to `store`, which also answers the query API.
+    pub fn with_store(config: Config, store: Arc<Store>) -> Self {
+        Self {
+            inner: Arc::new(AppInner {
+                config,
+                engine: OnceLock::new(),
+                audit: store.sink(),
+                store: Some(store),
             }),
         }
     }
@@ -81,13 +98,22 @@ impl AppState {
         self.inner.audit.as_ref()
     }
 
+    /// The audit store, unless `audit.enabled = false`.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.inner.store.as_ref()
+    }
+
     /// The engine, or 503 while it is loading.
     pub fn engine(&self) -> Result<Arc<Engine>, AppError> {
         self.inner.engine.get().cloned().ok_or(AppError::NotReady)
     }
 
-    /// The engine if the service is ready, else the reason it is not.
+    /// The engine if the service is ready, else the reason it is not: still loading, or
+    /// the audit spool cannot be written (records could be lost).
     pub fn readiness(&self) -> Result<Arc<Engine>, String> {
+        if let Some(reason) = self.store().and_then(|s| s.unready_reason()) {
+            return Err(reason);
+        }
         self.inner
             .engine
             .get()
@@ -112,24 +138,48 @@ pub enum RunError {
     Engine(#[from] engine::EngineError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests
-/// (at most `server.shutdown_timeout_secs`). The model and constitutions load in the
-/// background: `/healthz` answers at once, `/readyz` once they are loaded. A load failure
-/// stops the server with an error.
+/// (at most `server.shutdown_timeout_secs`) and flushes the audit store (at most
+/// `audit.flush_timeout_secs`; what is left stays in the spool). The model and
+/// constitutions load in the background: `/healthz` answers at once, `/readyz` once they
+/// are loaded. A load failure stops the server with an error.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let state = AppState::new(config.clone(), Arc::new(audit::LogSink));
+    let state = if config.audit.enabled {
+        AppState::with_store(config.clone(), Arc::new(Store::open(&config)?))
+    } else {
+        AppState::new(config.clone(), Arc::new(audit::LogSink))
+    };
+    let result = serve(state.clone(), listener, shutdown).await;
+    if let Some(store) = state.store() {
+        store.shutdown().await;
+    }
+    result
+}
+
+async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<engine::EngineError>(1);
     let loader = {
         let state = state.clone();
         tokio::spawn(async move {
             match Engine::load(state.config()).await {
                 Ok(engine) => {
+                    if let Some(store) = state.store() {
+                        for index in engine.constitutions() {
+                            store.register_constitution(index.constitution());
+                        }
+                    }
                     let _ = state.inner.engine.set(Arc::new(engine));
                     tracing::info!("ready");
                 }

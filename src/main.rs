@@ -35,6 +35,20 @@ enum Command {
         /// TOML configuration file (between the defaults and CHARTER__* variables).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Audit database (overrides database.url): sqlite://FILE?mode=rwc or
+        /// postgres://USER@HOST/DB.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Apply the audit database's migrations and exit (serve also applies them at start
+    /// unless database.migrate = false).
+    Migrate {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Audit database (overrides database.url).
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
     },
     /// Validate constitution files; exit 1 and print every error when one is invalid.
     Check {
@@ -90,7 +104,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { files } => check(&files),
         Command::Healthcheck { addr } => healthcheck(addr),
-        Command::Serve { bind, config } => {
+        Command::Serve {
+            bind,
+            config,
+            database_url,
+        } => {
             let mut config = match load_config(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -98,8 +116,25 @@ fn main() -> ExitCode {
             if let Some(bind) = bind {
                 config.server.bind = bind;
             }
+            if let Err(code) = set_database_url(&mut config, database_url) {
+                return code;
+            }
             init_tracing(&config);
             runtime().block_on(serve(config))
+        }
+        Command::Migrate {
+            config,
+            database_url,
+        } => {
+            let mut config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(code) = set_database_url(&mut config, database_url) {
+                return code;
+            }
+            init_tracing(&config);
+            runtime().block_on(migrate(config))
         }
         Command::Eval {
             constitution,
@@ -112,6 +147,31 @@ fn main() -> ExitCode {
             };
             init_tracing(&config);
             runtime().block_on(eval(config, constitution, file))
+        }
+    }
+}
+
+/// Applies `--database-url` and re-validates (the URL scheme).
+fn set_database_url(config: &mut Config, url: Option<String>) -> Result<(), ExitCode> {
+    if let Some(url) = url {
+        config.database.url = charter::config::Secret::new(url);
+        config.validate().map_err(|e| {
+            eprintln!("charter: {e}");
+            ExitCode::from(2)
+        })?;
+    }
+    Ok(())
+}
+
+async fn migrate(config: Config) -> ExitCode {
+    match charter::store::migrate(&config.database).await {
+        Ok((dialect, versions)) => {
+            println!("{dialect}: migrations applied (versions known to this release: {versions:?})");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("charter: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -15,3 +15,5 @@ mod anthropic_mock;
 mod gateway;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
+#[path = "api/store.rs"]
+mod store;

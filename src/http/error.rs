@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::embed::EmbedError;
 use crate::engine::EngineError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub enum AppError {
@@ -38,6 +39,8 @@ pub enum AppError {
         retry_after_secs: u64,
     },
     NotReady,
+    /// A dependency (the audit database) is down: logged, answered 503.
+    Unavailable(String),
     Timeout,
     /// An internal failure: logged with detail, answered generically.
     Internal(String),
@@ -75,6 +78,7 @@ impl AppError {
             AppError::NotFound { .. } => StatusCode::NOT_FOUND,
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Timeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +94,7 @@ impl AppError {
             AppError::NotFound { .. } => "not_found",
             AppError::Overloaded { .. } => "overloaded",
             AppError::NotReady => "not_ready",
+            AppError::Unavailable(_) => "unavailable",
             AppError::Timeout => "timeout",
             AppError::Internal(_) => "internal",
         }
@@ -128,6 +133,19 @@ impl From<EmbedError> for AppError {
     }
 }
 
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Database(e) if crate::store::db::is_transient(&e) => {
+                AppError::Unavailable(format!("audit database: {e}"))
+            }
+            StoreError::Database(e) => AppError::Internal(format!("audit database: {e}")),
+            StoreError::Migrate(e) => AppError::Internal(format!("audit migration: {e}")),
+            StoreError::Spool(e) => AppError::Internal(format!("audit spool: {e}")),
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -150,6 +168,13 @@ impl IntoResponse for AppError {
                 "the service is starting or stopping; retry shortly".into(),
                 None,
             ),
+            AppError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "dependency unavailable");
+                (
+                    "the audit database is unavailable; retry shortly".into(),
+                    None,
+                )
+            }
             AppError::Timeout => (
                 "the request took longer than the configured timeout".into(),
                 None,
@@ -173,7 +198,7 @@ impl IntoResponse for AppError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
-            AppError::NotReady => {
+            AppError::NotReady | AppError::Unavailable(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

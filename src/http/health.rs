@@ -20,11 +20,30 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
                 "model": engine.embedder().info().id,
                 "constitutions": engine.constitutions().len(),
                 "queued": engine.embedder().queued(),
+                "audit": audit(&state),
             })),
         ),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
+            Json(json!({"status": "not_ready", "reason": reason, "audit": audit(&state)})),
         ),
+    }
+}
+
+/// The audit store's state: the database may be down (records wait in the spool)
+/// without the service being unready.
+fn audit(state: &AppState) -> Value {
+    match state.store() {
+        Some(store) => {
+            let spool = store.spool();
+            json!({
+                "database": if store.database_up() { "up" } else { "down" },
+                "queued": store.queue_depth(),
+                "spool_bytes": spool.bytes,
+                "spool_segments": spool.segments,
+                "spool_writable": store.unready_reason().is_none(),
+            })
+        }
+        None => json!("disabled"),
     }
 }

@@ -2,6 +2,7 @@
 //! (request ids, tracing, timeouts, body limits, panics). Holds no rules logic: handlers
 //! validate input, call the [`crate::engine::Engine`] and shape its results.
 
+pub mod audit;
 pub mod constitutions;
 pub mod error;
 pub mod evaluate;
@@ -39,6 +40,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/evaluate", post(evaluate::evaluate))
         .route("/v1/constitutions", get(constitutions::list))
         .route("/v1/constitutions/{id}", get(constitutions::get))
+        .route("/v1/evaluations", get(audit::list))
+        .route("/v1/evaluations/{id}", get(audit::get))
+        .route("/v1/stats", get(audit::stats))
+        .route("/metrics", get(audit::metrics))
         .fallback(not_found)
         .with_state(state.clone())
         // Innermost first: each `layer` wraps everything above it.

@@ -13,6 +13,8 @@ use charter::config::Config;
 /// A running server on its own thread and runtime, so it outlives each test's runtime.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The audit database and spool, unless the configuration named its own.
+    pub dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), String>>>,
 }
@@ -29,7 +31,8 @@ impl TestServer {
         Self::start_with(config)
     }
 
-    pub fn start_with(config: Config) -> Self {
+    pub fn start_with(mut config: Config) -> Self {
+        let dir = private_audit_store(&mut config);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -53,6 +56,7 @@ impl TestServer {
             .expect("server bound");
         let server = Self {
             addr,
+            dir,
             stop: Some(stop_tx),
             thread: Some(thread),
         };
@@ -99,6 +103,28 @@ impl TestServer {
     pub fn join(mut self) -> Result<(), String> {
         self.thread.take().unwrap().join().expect("server thread")
     }
+}
+
+/// Gives a server its own SQLite file and spool folder when its configuration uses the
+/// defaults (one spool folder per process; tests must not write into the working tree).
+pub fn private_audit_store(config: &mut Config) -> Option<tempfile::TempDir> {
+    let defaults = Config::load_from(None, Vec::new()).expect("defaults");
+    let default_db = config.database.url == defaults.database.url;
+    let default_spool = config.audit.spool_dir == defaults.audit.spool_dir;
+    if !(default_db || default_spool) {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    if default_db {
+        config.database.url = charter::config::Secret::new(format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("charter.db").display()
+        ));
+    }
+    if default_spool {
+        config.audit.spool_dir = dir.path().join("spool");
+    }
+    Some(dir)
 }
 
 /// The server shared by tests that use the default configuration.
