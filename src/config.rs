@@ -517,9 +517,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.audit.text, TextPolicy::Hash);
         let shown = format!("{config:?}");
-        assert!(!shown.contains("pepper") && !shown.contains("hunter2"), "{shown}");
-        let err = Config::load_from(None, env(&[("CHARTER__DATABASE__URL", "mysql://x")]))
-            .unwrap_err();
+        assert!(
+            !shown.contains("pepper") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let err =
+            Config::load_from(None, env(&[("CHARTER__DATABASE__URL", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("database.url"), "{err}");
     }
 

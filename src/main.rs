@@ -166,7 +166,9 @@ fn set_database_url(config: &mut Config, url: Option<String>) -> Result<(), Exit
 async fn migrate(config: Config) -> ExitCode {
     match charter::store::migrate(&config.database).await {
         Ok((dialect, versions)) => {
-            println!("{dialect}: migrations applied (versions known to this release: {versions:?})");
+            println!(
+                "{dialect}: migrations applied (versions known to this release: {versions:?})"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

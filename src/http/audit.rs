@@ -109,7 +109,10 @@ impl QueryParams {
             if !known.contains(&name.as_str()) {
                 return Err(AppError::invalid(
                     name.clone(),
-                    format!("unknown query parameter; expected one of {}", known.join(", ")),
+                    format!(
+                        "unknown query parameter; expected one of {}",
+                        known.join(", ")
+                    ),
                 ));
             }
             if pairs[..i].iter().any(|(n, _)| n == name) {
@@ -131,10 +134,7 @@ impl QueryParams {
         self.get(name)
             .map(|v| {
                 parse_time(v).ok_or_else(|| {
-                    AppError::invalid(
-                        name,
-                        "expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z",
-                    )
+                    AppError::invalid(name, "expected an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
                 })
             })
             .transpose()
@@ -183,7 +183,10 @@ pub async fn list(
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| {
-                AppError::invalid("limit", format!("expected an integer from 1 to {MAX_LIMIT}"))
+                AppError::invalid(
+                    "limit",
+                    format!("expected an integer from 1 to {MAX_LIMIT}"),
+                )
             })?,
     };
     let filter = ListFilter {
@@ -204,9 +207,8 @@ pub async fn list(
         cursor: p
             .get("cursor")
             .map(|c| {
-                Cursor::decode(c).ok_or_else(|| {
-                    AppError::invalid("cursor", "not a cursor returned by this API")
-                })
+                Cursor::decode(c)
+                    .ok_or_else(|| AppError::invalid("cursor", "not a cursor returned by this API"))
             })
             .transpose()?,
         limit,
@@ -284,7 +286,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         None => "# the audit store is disabled (audit.enabled = false)\n".to_string(),
     };
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
 }

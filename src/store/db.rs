@@ -211,7 +211,10 @@ impl Db {
             .collect();
         let violations: Vec<(&str, &str, i64)> = evaluations
             .iter()
-            .flat_map(|e| e.violated().map(move |rule| (e.id.as_str(), rule, e.time_ms)))
+            .flat_map(|e| {
+                e.violated()
+                    .map(move |rule| (e.id.as_str(), rule, e.time_ms))
+            })
             .collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -436,7 +439,6 @@ impl Db {
         })
     }
 }
-
 
 fn verdict_str(v: crate::evaluate::Verdict) -> &'static str {
     match v {

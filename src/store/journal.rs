@@ -182,7 +182,13 @@ impl Journal {
         }
         let rotate = match &inner.active {
             None => true,
-            Some(a) => a.broken || inner.segments.get(&a.seq).is_none_or(|s| s.bytes >= SEGMENT_BYTES),
+            Some(a) => {
+                a.broken
+                    || inner
+                        .segments
+                        .get(&a.seq)
+                        .is_none_or(|s| s.bytes >= SEGMENT_BYTES)
+            }
         };
         if rotate {
             self.rotate(&mut inner)?;
@@ -207,7 +213,10 @@ impl Journal {
             }
         }
         inner.total_bytes += len;
-        let segment = inner.segments.get_mut(&seq).expect("active segment is listed");
+        let segment = inner
+            .segments
+            .get_mut(&seq)
+            .expect("active segment is listed");
         segment.bytes += len;
         segment.appended += 1;
         segment.dirty = !self.sync_every_append;
@@ -398,7 +407,9 @@ impl Journal {
 
 /// Reads a segment back: the parsed lines in order, and how many lines were unreadable
 /// (a partial last line after a crash, or damage).
-pub fn read_segment<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<(Vec<T>, usize)> {
+pub fn read_segment<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> std::io::Result<(Vec<T>, usize)> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),

@@ -216,7 +216,9 @@ impl Store {
         let limit = self.flush_timeout + Duration::from_secs(5);
         for task in tasks {
             if tokio::time::timeout(limit, task).await.is_err() {
-                tracing::error!("audit task did not stop in time; unwritten records stay in the spool");
+                tracing::error!(
+                    "audit task did not stop in time; unwritten records stay in the spool"
+                );
             }
         }
     }
@@ -224,7 +226,9 @@ impl Store {
 
 /// Applies the migrations for `charter migrate`; returns the database dialect and the
 /// versions this release knows.
-pub async fn migrate(config: &crate::config::DatabaseConfig) -> Result<(&'static str, Vec<i64>), StoreError> {
+pub async fn migrate(
+    config: &crate::config::DatabaseConfig,
+) -> Result<(&'static str, Vec<i64>), StoreError> {
     let db = Db::connect_lazy(config)?;
     let versions = db.migrate().await;
     db.close().await;
@@ -273,7 +277,10 @@ impl Recorder {
                             Entry::Evaluation(e) => e.id.as_str(),
                             Entry::Constitution(c) => c.version.as_str(),
                         };
-                        tracing::error!(id, "audit record lost: the spool cannot be written and the queue is full");
+                        tracing::error!(
+                            id,
+                            "audit record lost: the spool cannot be written and the queue is full"
+                        );
                     }
                 }
             }

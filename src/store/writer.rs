@@ -215,7 +215,9 @@ impl Writer {
                 f.sync_data()
             });
         match written {
-            Ok(()) => tracing::error!(id, error = %err, path = %path.display(), "the audit database refused a record; kept in the rejected file"),
+            Ok(()) => {
+                tracing::error!(id, error = %err, path = %path.display(), "the audit database refused a record; kept in the rejected file")
+            }
             Err(e) => {
                 Metrics::add(&self.metrics.dropped, 1);
                 tracing::error!(id, error = %err, write_error = %e, "the audit database refused a record and it could not be set aside: lost");
@@ -377,7 +379,9 @@ pub async fn purge_loop(
                     "audit records purged"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "audit retention purge failed; retrying at the next interval"),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit retention purge failed; retrying at the next interval")
+            }
         }
     }
 }
