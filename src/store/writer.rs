@@ -84,7 +84,7 @@ impl Writer {
                     let delay = backoff.step();
                     // Every failure while it is fresh, then one in 20: an outage logs, it
                     // does not flood.
-                    if failures_logged < 5 || failures_logged % 20 == 0 {
+                    if failures_logged < 5 || failures_logged.is_multiple_of(20) {
                         tracing::warn!(
                             error = %e,
                             retry_in_ms = delay.as_millis() as u64,

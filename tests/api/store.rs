@@ -189,8 +189,8 @@ async fn get(url: &str) -> (u16, Value) {
 const BASE_MS: i64 = 1_764_000_000_000; // 2025-11-24T16:00:00Z
 
 fn synthetic(i: usize) -> AuditRecord {
-    let privacy = i % 5 == 0;
-    let harmful = i % 7 == 0 || i % 11 == 0;
+    let privacy = i.is_multiple_of(5);
+    let harmful = i.is_multiple_of(7) || i.is_multiple_of(11);
     let rule = |id: &str, violated: bool, score: f32| RecordedRule {
         id: id.to_string(),
         score,
@@ -211,21 +211,26 @@ fn synthetic(i: usize) -> AuditRecord {
         id: format!("eval_t{i:04}"),
         // 17 minutes apart: several per hour bucket, three days in all for 250 records.
         time: rfc3339(BASE_MS + i as i64 * 17 * 60_000 + (i as i64 % 3) * 1000),
-        source: if i % 3 == 0 {
+        source: if i.is_multiple_of(3) {
             Source::Gateway
         } else {
             Source::Api
         },
-        client_key_id: (i % 2 == 0).then(|| format!("key_{i:012x}")),
-        constitution_id: if i % 4 == 0 { "strict" } else { "default" }.into(),
-        constitution_version: if i % 4 == 0 {
+        client_key_id: (i.is_multiple_of(2)).then(|| format!("key_{i:012x}")),
+        constitution_id: if i.is_multiple_of(4) {
+            "strict"
+        } else {
+            "default"
+        }
+        .into(),
+        constitution_version: if i.is_multiple_of(4) {
             "00112233aabbccdd"
         } else {
             "0123456789abcdef"
         }
         .into(),
         model: "use-m3".into(),
-        kind: if i % 2 == 0 {
+        kind: if i.is_multiple_of(2) {
             Kind::Prompt
         } else {
             Kind::Response
