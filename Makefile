@@ -23,6 +23,7 @@ setup:
 setup-test:
 	$(PYTHON) tools/setup_assets.py --models $(TEST_MODELS)
 	PYTHON=$(PYTHON) sh tests/sdk/setup.sh
+	PYTHON=$(PYTHON) tools/setup_test_tools.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -33,7 +33,7 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         bind: Option<std::net::SocketAddr>,
         /// TOML configuration file (between the defaults and CHARTER__* variables).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
         config: Option<PathBuf>,
         /// Audit database (overrides database.url): sqlite://FILE?mode=rwc or
         /// postgres://USER@HOST/DB.
@@ -63,20 +63,20 @@ enum Command {
         #[arg(long)]
         constitution: Option<String>,
         /// TOML configuration file.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
         config: Option<PathBuf>,
         /// Input file; stdin when absent or "-".
         file: Option<PathBuf>,
     },
     /// Probe a running service's /readyz (for container health checks); exit 0 when ready.
     Healthcheck {
-        /// Service address.
-        #[arg(
-            long,
-            default_value = "127.0.0.1:8080",
-            env = "CHARTER_HEALTHCHECK_ADDR"
-        )]
-        addr: std::net::SocketAddr,
+        /// Service address. Default: `server.bind` of the same configuration `serve` reads
+        /// (defaults < `--config` < `CHARTER__*`), probed on loopback when it is 0.0.0.0 or ::.
+        #[arg(long, value_name = "ADDR:PORT", env = "CHARTER_HEALTHCHECK_ADDR")]
+        addr: Option<std::net::SocketAddr>,
+        /// TOML configuration file, as given to `serve`.
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -103,7 +103,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files } => check(&files),
-        Command::Healthcheck { addr } => healthcheck(addr),
+        Command::Healthcheck { addr, config } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => match load_config(config.as_deref()) {
+                    Ok(c) => probe_addr(c.server.bind),
+                    Err(code) => return code,
+                },
+            };
+            healthcheck(addr)
+        }
         Command::Serve {
             bind,
             config,
@@ -240,6 +249,18 @@ fn check(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Where a probe on the same host reaches a server bound to `bind`: a server listening on
+/// every address (0.0.0.0 or ::, as in a container) answers on loopback.
+fn probe_addr(bind: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, bind.port())
 }
 
 fn healthcheck(addr: std::net::SocketAddr) -> ExitCode {
@@ -448,4 +469,17 @@ fn write_line(
         (Ok(_), None) => return Ok(()),
     };
     writeln!(out, "{line}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_addr;
+
+    #[test]
+    fn probes_loopback_when_bound_to_every_address() {
+        let probe = |bind: &str| probe_addr(bind.parse().unwrap()).to_string();
+        assert_eq!(probe("0.0.0.0:9090"), "127.0.0.1:9090");
+        assert_eq!(probe("[::]:9090"), "[::1]:9090");
+        assert_eq!(probe("10.1.2.3:8080"), "10.1.2.3:8080");
+    }
 }

@@ -6,6 +6,8 @@ mod common;
 
 #[path = "api/cli.rs"]
 mod cli;
+#[path = "api/container.rs"]
+mod container;
 #[path = "api/evaluate.rs"]
 mod evaluate;
 
