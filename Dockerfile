@@ -25,6 +25,8 @@ ENV CARGO_HOME=/usr/local/cargo \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The migrations are compiled into the binary (include_str!).
+COPY migrations ./migrations
 # The crate registry and target/ are cache mounts: a rebuild downloads nothing and
 # recompiles only this crate, not its ~300 dependencies. The sources are touched first
 # because cargo decides freshness by modification time, and a target/ shared with a build
@@ -34,7 +36,7 @@ RUN --mount=type=secret,id=extra_ca,required=false \
     --mount=type=cache,id=charter-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=charter-cargo-target,target=/src/target,sharing=locked \
     if [ -s /run/secrets/extra_ca ]; then cat /run/secrets/extra_ca >> /etc/ssl/certs/ca-certificates.crt; fi \
-    && find src -type f -exec touch {} + \
+    && find src migrations -type f -exec touch {} + \
     && cargo build --release --locked --bin charter \
     && install -D -m 0755 target/release/charter /out/charter
 

@@ -100,9 +100,7 @@ impl AuditRecord {
                     score: r.score,
                     threshold: r.threshold,
                     violated: r.violated,
-                    evidence: r
-                        .violated
-                        .then(|| serde_json::to_value(&r.evidence).unwrap_or_default()),
+                    evidence: r.violated.then(|| evidence_value(&r.evidence)),
                 })
                 .collect(),
             latency_ms,
@@ -147,4 +145,14 @@ impl AuditSink for LogSink {
 /// Current UTC time as RFC 3339 with milliseconds.
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The evidence as JSON, with its numbers written as the API writes them. `to_value`
+/// would widen each `f32` to `f64` (0.4923832 becomes 0.49238321185112), so a stored
+/// record would no longer equal the answer it records; the text form keeps the `f32`'s
+/// shortest digits.
+fn evidence_value<T: Serialize>(evidence: &T) -> serde_json::Value {
+    serde_json::to_string(evidence)
+        .and_then(|s| serde_json::from_str(&s))
+        .unwrap_or_default()
 }
