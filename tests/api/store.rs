@@ -1254,3 +1254,92 @@ async fn sigterm_and_sigkill_mid_load_lose_no_answered_request() {
     assert!(answered_term.is_subset(&in_db) && answered_kill.is_subset(&in_db));
     tokio::task::block_in_place(|| third.stop());
 }
+
+/// The gateway's evaluations reach the store like the API's: a plain exchange (prompt and
+/// output) and a stream cut by a violation, each queryable with `source=gateway` and saying
+/// what was checked and what was done.
+#[tokio::test]
+async fn gateway_evaluations_are_stored_with_what_was_checked() {
+    let mock = crate::anthropic_mock::MockUpstream::start();
+    let upstream = mock.url();
+    let server = TestServer::start(&[("CHARTER__GATEWAY__UPSTREAM_URL", upstream.as_str())]);
+    let client = reqwest::Client::new();
+    let send = |model: &str, stream: bool| {
+        client
+            .post(server.url("/v1/messages"))
+            .header("x-api-key", "sk-gateway-store-test")
+            .header("anthropic-version", "2023-06-01")
+            .header("x-test-id", "gateway-store")
+            .json(&json!({
+                "model": model,
+                "max_tokens": 256,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "Tell me something."}]
+            }))
+            .send()
+    };
+
+    let plain = send("mock-plain", false).await.unwrap();
+    assert_eq!(plain.status(), 200);
+    let plain_id = plain.headers()["x-charter-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let _ = plain.bytes().await.unwrap();
+
+    let cut = send("mock-long-harmful", true).await.unwrap();
+    assert_eq!(cut.status(), 200);
+    let cut_id = cut.headers()["x-charter-id"].to_str().unwrap().to_string();
+    let events = String::from_utf8(cut.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(events.contains("\"stop_reason\":\"refusal\""), "{events}");
+
+    let list = server.url("/v1/evaluations?source=gateway&limit=100");
+    eventually(
+        Duration::from_secs(60),
+        "gateway records stored",
+        || async {
+            let (status, body) = get(&list).await;
+            let items = body["items"].as_array().cloned().unwrap_or_default();
+            status == 200
+                && items.iter().any(|r| {
+                    r["id"].as_str().is_some_and(|id| id.starts_with(&cut_id))
+                        && r["verdict"] == "fail"
+                })
+                && items
+                    .iter()
+                    .filter(|r| r["id"].as_str().is_some_and(|id| id.starts_with(&plain_id)))
+                    .count()
+                    == 2
+        },
+    )
+    .await;
+    let (_, items) = get(&list).await;
+    let items = items["items"].as_array().unwrap();
+    assert!(items.iter().all(|r| r["source"] == "gateway"));
+    let plain_parts: BTreeSet<&str> = items
+        .iter()
+        .filter(|r| r["id"].as_str().unwrap().starts_with(&plain_id))
+        .map(|r| r["context"]["part"].as_str().unwrap())
+        .collect();
+    assert_eq!(plain_parts, BTreeSet::from(["prompt", "output"]));
+    let failed: Vec<&Value> = items
+        .iter()
+        .filter(|r| r["id"].as_str().unwrap().starts_with(&cut_id) && r["verdict"] == "fail")
+        .collect();
+    assert_eq!(failed.len(), 1, "one failing window: {failed:?}");
+    let failed = failed[0];
+    assert!(failed["violated"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("harmful-content")));
+    assert_eq!(failed["context"]["action"], "block");
+    assert!(
+        failed["text"].as_str().unwrap().contains("pipe bomb"),
+        "the checked window is what was stored: {failed}"
+    );
+    assert!(failed["client_key_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("key_"));
+    server.stop().unwrap();
+}
