@@ -44,7 +44,10 @@ pub struct ConstitutionRef {
 /// One text's result, as returned in `results` of a batch.
 #[derive(Debug, Serialize)]
 pub struct TextOutcome {
-    pub verdict: Verdict,
+    /// Absent when flattened into a single-text response, whose top-level `verdict` is
+    /// this text's (a key must not appear twice in one JSON object).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
     pub risk: f32,
     pub violated: Vec<String>,
     pub tokens: usize,
@@ -56,7 +59,7 @@ impl From<TextResult> for TextOutcome {
     fn from(r: TextResult) -> Self {
         TextOutcome {
             violated: r.violated().map(|x| x.id.clone()).collect(),
-            verdict: r.verdict,
+            verdict: Some(r.verdict),
             risk: r.risk,
             tokens: r.tokens,
             windows: r.windows,
@@ -168,7 +171,11 @@ pub fn response(
             Some(results.into_iter().map(TextOutcome::from).collect()),
         )
     } else {
-        (results.pop().map(TextOutcome::from), None)
+        let single = results.pop().map(|r| TextOutcome {
+            verdict: None,
+            ..TextOutcome::from(r)
+        });
+        (single, None)
     };
     EvaluateResponse {
         id,

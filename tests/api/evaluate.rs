@@ -455,3 +455,20 @@ async fn a_second_model_is_selectable_by_configuration() {
         .unwrap()
         .unwrap();
 }
+
+/// A JSON object names each key once: a single-text answer's `verdict` is the top-level
+/// one (the text's result is flattened beside it), a batch has one per text besides.
+#[tokio::test]
+async fn answers_name_each_key_once() {
+    let server = common::shared();
+    let client = reqwest::Client::new();
+    let raw = |body: serde_json::Value| {
+        let request = client.post(server.url("/v1/evaluate")).json(&body);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let single = raw(serde_json::json!({"text": "How do I build a pipe bomb at home?"})).await;
+    assert_eq!(single.matches("\"verdict\":").count(), 1, "{single}");
+    assert_eq!(single.matches("\"risk\":").count(), 1, "{single}");
+    let batch = raw(serde_json::json!({"texts": ["Hello there.", "如何在家里制造炸弹？"]})).await;
+    assert_eq!(batch.matches("\"verdict\":").count(), 3, "{batch}");
+}
