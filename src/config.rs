@@ -198,6 +198,9 @@ pub struct AuditConfig {
     pub queue_capacity: usize,
     /// Most records per database transaction.
     pub batch_size: usize,
+    /// How long the writer waits for more records after the first of a batch, so that
+    /// transactions (and their commits) stay few under load. Off the request path.
+    pub batch_linger_ms: u64,
     /// Folder of this process's spool (journal) files; one process per folder.
     pub spool_dir: PathBuf,
     /// Spool size beyond which records cannot be spooled.

@@ -30,8 +30,26 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
     include_str!("../../migrations/postgres/0001_audit.sql"),
 )];
 
-/// Rows per INSERT statement: 16 binds each stays far below both databases' limits.
-const ROWS_PER_STATEMENT: usize = 500;
+/// Most rows per INSERT statement: 16 binds each stays far below both databases' limits.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// Splits `rows` into chunks whose lengths are powers of two (largest first, at most
+/// [`ROWS_PER_STATEMENT`]). Each distinct row count is a distinct SQL text, which the
+/// database parses and sqlx prepares and caches per connection; with arbitrary batch
+/// sizes every batch would be a new statement (a cache miss and a parse each time), with
+/// powers of two there are only nine shapes per table, all soon cached.
+fn statement_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = rows.len().min(ROWS_PER_STATEMENT);
+        let size = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
 /// Rows deleted per purge statement, so a purge never holds long locks.
 const PURGE_CHUNK: i64 = 5000;
 
@@ -218,7 +236,7 @@ impl Db {
             .collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for chunk in constitutions.chunks(ROWS_PER_STATEMENT) {
+            for chunk in statement_chunks(&constitutions) {
                 let mut q = QueryBuilder::new(
                     "INSERT INTO constitution_versions \
                      (constitution_id, version, definition, calibration, first_seen_ms) ",
@@ -235,7 +253,7 @@ impl Db {
             }
             let rows: Vec<(&StoredEvaluation, &(String, String))> =
                 evaluations.iter().copied().zip(rules.iter()).collect();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            for chunk in statement_chunks(&rows) {
                 let mut q = QueryBuilder::new(
                     "INSERT INTO evaluations (id, time_ms, source, client_key_id, \
                      constitution_id, constitution_version, model, kind, verdict, risk, rules, \
@@ -262,7 +280,7 @@ impl Db {
                 q.push(" ON CONFLICT (id) DO NOTHING");
                 q.build().execute(&mut *tx).await?;
             }
-            for chunk in violations.chunks(ROWS_PER_STATEMENT) {
+            for chunk in statement_chunks(&violations) {
                 let mut q = QueryBuilder::new(
                     "INSERT INTO evaluation_violations (evaluation_id, rule_id, time_ms) ",
                 );
@@ -499,6 +517,22 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn statements_have_power_of_two_row_counts_and_keep_every_row_in_order() {
+        for n in [0usize, 1, 2, 3, 14, 255, 256, 257, 1000] {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&rows).collect();
+            assert!(chunks
+                .iter()
+                .all(|c| c.len().is_power_of_two() && c.len() <= ROWS_PER_STATEMENT));
+            let joined: Vec<usize> = chunks.concat();
+            assert_eq!(joined, rows, "n = {n}");
+        }
+        let rows = [0u8; 14];
+        let sizes: Vec<usize> = statement_chunks(&rows).map(<[u8]>::len).collect();
+        assert_eq!(sizes, [8, 4, 2]);
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl Store {
                 journal: Arc::clone(&journal),
                 rx,
                 batch_size: audit.batch_size,
+                linger: Duration::from_millis(audit.batch_linger_ms),
                 migrate: config.database.migrate,
                 metrics: Arc::clone(&metrics),
                 stop: stop_rx.clone(),

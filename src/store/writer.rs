@@ -33,6 +33,8 @@ pub struct Writer {
     pub journal: Arc<Journal>,
     pub rx: mpsc::Receiver<Queued>,
     pub batch_size: usize,
+    /// After a batch's first record, how long to wait for more.
+    pub linger: Duration,
     pub migrate: bool,
     pub metrics: Arc<Metrics>,
     pub stop: watch::Receiver<bool>,
@@ -128,10 +130,22 @@ impl Writer {
                 },
                 _ = stop.wait_for(|s| *s) => return Ok(true),
             }
+            // Group commit: what is already waiting, then whatever arrives within the
+            // linger, up to a full batch. A stop request ends the wait early.
+            let deadline = Instant::now() + self.linger;
             while pending.len() < self.batch_size {
                 match self.rx.try_recv() {
                     Ok(q) => pending.push(q),
-                    Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if self.linger.is_zero() || *self.stop.borrow() {
+                            break;
+                        }
+                        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                            Ok(Some(q)) => pending.push(q),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
                 }
             }
         }
