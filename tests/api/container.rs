@@ -507,11 +507,19 @@ fn image_builds_serves_reports_healthy_and_stops_cleanly_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let stop_started = Instant::now();
     run(
         podman().args(["stop", "--time", "10", container]),
         Duration::from_secs(60),
     )
     .ok("podman stop");
+    let stopped_in = stop_started.elapsed();
+    eprintln!(
+        "container: exited {:.1} s after SIGTERM",
+        stopped_in.as_secs_f64()
+    );
+    // podman would SIGKILL at 10 s (exit code 137, checked below); the service must not need it.
+    assert!(stopped_in < Duration::from_secs(10), "{stopped_in:?}");
     let answer = rt.block_on(in_flight).unwrap();
     let log = logs(container);
     let (status, body) = answer.unwrap_or_else(|e| panic!("in-flight request: {e}\n{log}"));
