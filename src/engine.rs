@@ -158,6 +158,20 @@ impl Engine {
         &self.embedder
     }
 
+    /// Embeds texts as evaluation does (the whole text, and sentence pieces of long ones),
+    /// without scoring: `charter bench` and `calibrate` score them many ways.
+    pub async fn embed(
+        &self,
+        texts: Arc<Vec<String>>,
+    ) -> Result<crate::embed::Embedded, EngineError> {
+        Ok(self.embedder.embed(texts, Some(self.windows)).await?)
+    }
+
+    /// Nearest exemplars averaged per side (`scoring.top_k`).
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
     fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.registry.read().unwrap_or_else(|e| e.into_inner()))
     }
