@@ -9,6 +9,11 @@
 //! long harmless preamble still counts. The rule is violated when the score exceeds the
 //! threshold in force (calibrated for this model, else the file's); `risk` is the largest
 //! score-minus-threshold over rules, so `risk > 0` exactly when the verdict is `fail`.
+//!
+//! When the constitution's calibration has learned heads for this model and exemplar set
+//! ([`head`]), a rule's score is instead its head's logit over the piece's embedding and
+//! kNN features, and a sentence piece of a long text counts only above the calibrated
+//! margin. Evidence is the same nearest exemplars either way.
 
 pub mod head;
 mod index;

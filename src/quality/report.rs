@@ -204,10 +204,20 @@ impl Report {
             a.overall.false_positive_rate,
             a.scary_false_positive_rate
         );
-        out += "per source (AUC / F1):";
+        out += "per source: AUC, then F1 (or recall / FPR when the source has one label)";
         for (k, v) in &self.auc.by_source {
-            let f1 = a.by_source.get(k).map_or(0.0, |r| r.f1);
-            out += &format!("\n  {k:<24} {} / {f1:.3}", fmt(*v));
+            let Some(r) = a.by_source.get(k) else {
+                continue;
+            };
+            let c = &r.confusion;
+            let at = if c.tp + c.fn_ == 0 {
+                format!("FPR {:.3}", r.false_positive_rate)
+            } else if c.fp + c.tn == 0 {
+                format!("recall {:.3}", r.recall)
+            } else {
+                format!("F1 {:.3}", r.f1)
+            };
+            out += &format!("\n  {k:<24} {}  {at}", fmt(*v));
         }
         out += &format!(
             "\nthroughput: {} texts in {:.1} s ({:.1} texts/s)",
