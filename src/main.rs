@@ -290,11 +290,20 @@ async fn calibrate(
                 .values()
                 .next()
                 .map_or(0.0, |r| r.threshold);
+            let heads = c
+                .calibration
+                .rules
+                .values()
+                .filter(|r| r.head.is_some())
+                .count();
             println!(
-                "{}: target {} on {} items: threshold {t:.4}; out-of-fold recall {:.3}, FPR {:.3}, safe-but-scary FPR {:.3}",
+                "{}: target {} on {} items: {heads} heads, shared threshold {t:.4}{}; out-of-fold recall {:.3}, FPR {:.3}, safe-but-scary FPR {:.3}",
                 c.path.display(),
                 c.calibration.target,
                 data.items.len(),
+                c.calibration
+                    .piece_margin
+                    .map_or(String::new(), |m| format!(", sentence margin {m:.3}")),
                 c.recall,
                 c.fpr,
                 c.scary_fpr
