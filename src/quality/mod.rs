@@ -320,9 +320,10 @@ pub fn fit_shared_threshold(scores: &[Vec<f32>], positive: &[bool], target: Targ
 pub enum ThresholdSource {
     /// The constitution file's (no calibration for this model).
     File,
-    /// A calibration fitted on other data: used as it is.
+    /// A calibration fitted on other data (none of the items is an exemplar): used as it is.
     Calibration,
-    /// A calibration fitted on this data: refitted per fold on the other folds.
+    /// A calibration fitted on this data, or data whose items are exemplars: refitted per
+    /// fold on the other folds of this data.
     RefitPerFold,
 }
 
@@ -357,7 +358,14 @@ pub fn cv_risks(
             ThresholdSource::File,
         ));
     };
-    let fitted_here = calibration.data.contains(&items_sha(items));
+    // Fitted on this data, or on data that shares items with the exemplars (a slice of
+    // the set the exemplars came from): refit on the other folds, never trust it as is.
+    let exemplar_groups: HashSet<String> = row_groups(index.constitution())
+        .into_iter()
+        .flatten()
+        .collect();
+    let fitted_here = calibration.data.contains(&items_sha(items))
+        || items.iter().any(|i| exemplar_groups.contains(i.group()));
     if !fitted_here {
         return Ok((
             scores.iter().map(|s| risk(s, &in_force)).collect(),

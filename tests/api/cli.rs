@@ -138,6 +138,13 @@ fn bench_writes_a_json_report_and_a_png() {
         .as_str()
         .unwrap()
         .contains("grouped 5-fold"));
+    // The items are exemplars of the default constitution, whose calibration came from
+    // the same set: heads and thresholds are refitted per fold, never used as they are.
+    assert!(
+        report["thresholds"].as_str().unwrap().contains("refitted"),
+        "{}",
+        report["thresholds"]
+    );
     let png = std::fs::read(out.join("report.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     let decoder = png::Decoder::new(std::io::Cursor::new(png));
