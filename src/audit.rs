@@ -100,9 +100,14 @@ impl AuditRecord {
                     score: r.score,
                     threshold: r.threshold,
                     violated: r.violated,
-                    evidence: r
-                        .violated
-                        .then(|| serde_json::to_value(&r.evidence).unwrap_or_default()),
+                    // Through the JSON text, so its f32 numbers read as the API wrote
+                    // them (`to_value` widens f32 to f64: 0.4923832 -> 0.49238321185112).
+                    evidence: r.violated.then(|| {
+                        serde_json::to_string(&r.evidence)
+                            .ok()
+                            .and_then(|s| serde_json::from_str(&s).ok())
+                            .unwrap_or_default()
+                    }),
                 })
                 .collect(),
             latency_ms,

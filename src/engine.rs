@@ -130,11 +130,18 @@ impl Engine {
             );
         }
         let index = Index::new(Arc::new(constitution), self.embedder.info(), vectors)?;
+        if index.stale_heads() {
+            tracing::warn!(
+                constitution = %index.constitution().id,
+                "calibration heads were fitted on other exemplars: ignored, the file's thresholds apply (run charter calibrate)"
+            );
+        }
         tracing::info!(
             constitution = %index.constitution().id,
             version = %index.constitution().version,
             rules = index.rules().len(),
             exemplars = index.len(),
+            scorer = if index.has_heads() { "head" } else { "knn" },
             duration_ms = started.elapsed().as_millis() as u64,
             "constitution indexed"
         );

@@ -53,6 +53,8 @@ pub struct Index {
     texts: Vec<String>,
     rules: Vec<IndexedRule>,
     heads: Option<Heads>,
+    /// The calibration has heads for this model that do not fit this exemplar set.
+    stale_heads: bool,
 }
 
 /// Learned heads in force (from the calibration), one per rule (`None`: never violated).
@@ -161,12 +163,6 @@ impl Index {
                     h.weights.len() == dim && h.knn_weights.len() == constitution.rules.len()
                 })
             });
-        if has_heads && !heads_valid {
-            tracing::warn!(
-                constitution = %constitution.id,
-                "calibration heads were fitted on other exemplars; using the file's thresholds (run charter calibrate)"
-            );
-        }
         let heads = heads_valid.then(|| {
             let c = calibration.expect("heads come from a calibration");
             Heads {
@@ -226,6 +222,7 @@ impl Index {
             texts,
             rules,
             heads,
+            stale_heads: has_heads && !heads_valid,
         })
     }
 
@@ -259,6 +256,12 @@ impl Index {
             .chunks_exact(self.dim)
             .map(|row| crate::embed::dot(row, vector))
             .collect()
+    }
+
+    /// The calibration's heads were fitted on other exemplars (or shapes), so they are not
+    /// used and the file's thresholds stand until `charter calibrate` runs again.
+    pub fn stale_heads(&self) -> bool {
+        self.stale_heads
     }
 
     /// Whether rule scores are learned heads' logits (else kNN cosine differences).
