@@ -85,8 +85,8 @@ enum Command {
         #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Fit a constitution's thresholds on labelled JSONL and write <stem>.calibration.json
-    /// beside it (its version changes with it).
+    /// Fit a constitution's learned heads and thresholds on labelled JSONL and write
+    /// <stem>.calibration.json beside it (its version changes with it).
     Calibrate {
         /// Constitution id (default: constitutions.default).
         #[arg(long)]
