@@ -351,7 +351,8 @@ pub fn cv_risks(
         .constitution()
         .calibration
         .as_ref()
-        .filter(|c| c.model == index.model());
+        // Stale heads are not served, so their file's thresholds are what counts.
+        .filter(|c| c.model == index.model() && !index.stale_heads());
     let Some(calibration) = calibration else {
         return Ok((
             scores.iter().map(|s| risk(s, &in_force)).collect(),
