@@ -130,11 +130,18 @@ impl Engine {
             );
         }
         let index = Index::new(Arc::new(constitution), self.embedder.info(), vectors)?;
+        if index.stale_heads() {
+            tracing::warn!(
+                constitution = %index.constitution().id,
+                "calibration heads were fitted on other exemplars: ignored, the file's thresholds apply (run charter calibrate)"
+            );
+        }
         tracing::info!(
             constitution = %index.constitution().id,
             version = %index.constitution().version,
             rules = index.rules().len(),
             exemplars = index.len(),
+            scorer = if index.has_heads() { "head" } else { "knn" },
             duration_ms = started.elapsed().as_millis() as u64,
             "constitution indexed"
         );
@@ -156,6 +163,20 @@ impl Engine {
 
     pub fn embedder(&self) -> &Embedder {
         &self.embedder
+    }
+
+    /// Embeds texts as evaluation does (the whole text, and sentence pieces of long ones),
+    /// without scoring: `charter bench` and `calibrate` score them many ways.
+    pub async fn embed(
+        &self,
+        texts: Arc<Vec<String>>,
+    ) -> Result<crate::embed::Embedded, EngineError> {
+        Ok(self.embedder.embed(texts, Some(self.windows)).await?)
+    }
+
+    /// Nearest exemplars averaged per side (`scoring.top_k`).
+    pub fn top_k(&self) -> usize {
+        self.top_k
     }
 
     fn registry(&self) -> Arc<Registry> {

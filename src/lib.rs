@@ -17,7 +17,9 @@
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
 //! - [`store`]: the audit store: spool file, batched writer, SQLite/PostgreSQL, queries.
 //! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
-//! - `main.rs`: the CLI (`serve`, `check`, `eval`); thin.
+//! - [`quality`]: labelled data, grouped cross-validation, the `bench` report (JSON +
+//!   PNG) and `calibrate`.
+//! - `main.rs`: the CLI (`serve`, `check`, `eval`, `bench`, `calibrate`); thin.
 //!
 //! The request path: `http::evaluate` validates -> `Engine::evaluate` -> `Embedder::embed`
 //! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->
@@ -31,6 +33,7 @@ pub mod engine;
 pub mod evaluate;
 pub mod gateway;
 pub mod http;
+pub mod quality;
 pub mod store;
 
 use std::future::{Future, IntoFuture};

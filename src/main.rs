@@ -68,6 +68,44 @@ enum Command {
         /// Input file; stdin when absent or "-".
         file: Option<PathBuf>,
     },
+    /// Measure verdict quality on labelled JSONL (id, text, label = violation|ok, lang,
+    /// kind, category, source) with grouped 5-fold cross-validation; writes report.json and
+    /// report.png into --out and prints a summary.
+    Bench {
+        /// Labelled data, e.g. ../shared/bench/dev.jsonl.
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// Constitution id (default: constitutions.default).
+        #[arg(long)]
+        constitution: Option<String>,
+        /// Folder for report.json and report.png.
+        #[arg(long, value_name = "DIR", default_value = "bench-report")]
+        out: PathBuf,
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Fit a constitution's learned heads and thresholds on labelled JSONL and write
+    /// <stem>.calibration.json beside it (its version changes with it).
+    Calibrate {
+        /// Constitution id (default: constitutions.default).
+        #[arg(long)]
+        constitution: Option<String>,
+        /// Labelled data (the `bench` format).
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// f1 (best F1), fpr=RATE (highest recall at most this false-positive rate) or
+        /// recall=RATE (highest threshold reaching this recall).
+        #[arg(long, default_value = "recall=0.82")]
+        target: charter::evaluate::metrics::Target,
+        /// What to fit: `head` (a learned head per rule and a shared logit threshold) or
+        /// `knn` (a shared threshold on the exemplar kNN scores).
+        #[arg(long, default_value = "head", value_parser = ["head", "knn"])]
+        scorer: String,
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Probe a running service's /readyz (for container health checks); exit 0 when ready.
     Healthcheck {
         /// Service address. Default: `server.bind` of the same configuration `serve` reads
@@ -156,6 +194,125 @@ fn main() -> ExitCode {
             };
             init_tracing(&config);
             runtime().block_on(eval(config, constitution, file))
+        }
+        Command::Bench {
+            data,
+            constitution,
+            out,
+            config,
+        } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&config);
+            runtime().block_on(bench(config, data, constitution, out))
+        }
+        Command::Calibrate {
+            constitution,
+            data,
+            target,
+            scorer,
+            config,
+        } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(&config);
+            runtime().block_on(calibrate(
+                config,
+                data,
+                constitution,
+                target,
+                scorer == "head",
+            ))
+        }
+    }
+}
+
+/// Reads labelled data and loads the engine; errors are printed.
+async fn load_labelled(
+    config: &Config,
+    data: &Path,
+) -> Result<(charter::quality::Data, Arc<Engine>), ExitCode> {
+    let data = charter::quality::Data::read(data).map_err(|e| {
+        eprintln!("charter: {e}");
+        ExitCode::from(2)
+    })?;
+    let engine = Engine::load(config).await.map_err(|e| {
+        eprintln!("charter: {e}");
+        ExitCode::FAILURE
+    })?;
+    Ok((data, Arc::new(engine)))
+}
+
+async fn bench(
+    config: Config,
+    data: PathBuf,
+    constitution: Option<String>,
+    out: PathBuf,
+) -> ExitCode {
+    let (data, engine) = match load_labelled(&config, &data).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match charter::quality::bench(&engine, constitution.as_deref(), &data, &out).await {
+        Ok(b) => {
+            println!("{}", b.report.summary());
+            println!("wrote {} and {}", b.json.display(), b.png.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("charter: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn calibrate(
+    config: Config,
+    data: PathBuf,
+    constitution: Option<String>,
+    target: charter::evaluate::metrics::Target,
+    heads: bool,
+) -> ExitCode {
+    let (data, engine) = match load_labelled(&config, &data).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match charter::quality::calibrate(&engine, constitution.as_deref(), &data, target, heads).await
+    {
+        Ok(c) => {
+            let t = c
+                .calibration
+                .rules
+                .values()
+                .next()
+                .map_or(0.0, |r| r.threshold);
+            let heads = c
+                .calibration
+                .rules
+                .values()
+                .filter(|r| r.head.is_some())
+                .count();
+            println!(
+                "{}: target {} on {} items: {heads} heads, shared threshold {t:.4}{}; out-of-fold recall {:.3}, FPR {:.3}, safe-but-scary FPR {:.3}",
+                c.path.display(),
+                c.calibration.target,
+                data.items.len(),
+                c.calibration
+                    .piece_margin
+                    .map_or(String::new(), |m| format!(", sentence margin {m:.3}")),
+                c.recall,
+                c.fpr,
+                c.scary_fpr
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("charter: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -20,6 +20,15 @@ pub struct Calibration {
     pub data: String,
     #[serde(default)]
     pub fitted_at: String,
+    /// With heads: the sha256 of the exemplar set the heads' kNN features were computed
+    /// against (heads fitted on other exemplars are ignored, with the file's thresholds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exemplars: Option<String>,
+    /// With heads: how far a sentence piece of a long text must score above the threshold
+    /// to count (the whole text counts as it is); keeps harmless long texts, whose many
+    /// pieces each get a chance, from failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece_margin: Option<f32>,
     pub rules: BTreeMap<String, RuleCalibration>,
 }
 
@@ -32,10 +41,13 @@ pub struct RuleCalibration {
     pub head: Option<LinearHead>,
 }
 
-/// `sigmoid(w . x + b)` on a unit embedding `x`.
+/// A rule's learned head: `logit = bias + weights . q + knn_weights . s` for a unit
+/// embedding q and the text's kNN features s (one per rule); see `evaluate::head`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinearHead {
     pub weights: Vec<f32>,
+    /// One weight per rule of the constitution, in file order.
+    pub knn_weights: Vec<f32>,
     pub bias: f32,
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use calibration::{Calibration, RuleCalibration, CALIBRATION_SUFFIX};
+pub use calibration::{Calibration, LinearHead, RuleCalibration, CALIBRATION_SUFFIX};
 pub use parse::parse_file;
 
 /// A validation error that names the file, the line (when known) and the field.

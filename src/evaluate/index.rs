@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::constitution::{Action, Constitution, Severity};
+use sha2::{Digest, Sha256};
+
+use crate::constitution::{Action, Constitution, LinearHead, Severity};
 use crate::embed::ModelInfo;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -42,9 +44,27 @@ pub struct Index {
     dim: usize,
     /// Row-major, one unit vector per distinct exemplar text.
     vectors: Vec<f32>,
+    /// The mean exemplar vector, and the rows of `vectors` minus it, re-normalised (the
+    /// heads' kNN features: centring spreads out cosines that sit in a narrow band).
+    centre: Vec<f32>,
+    centred: Vec<f32>,
+    /// Every compliant row (shared and rules' own): the heads' one compliant pool.
+    pool: Vec<u32>,
     texts: Vec<String>,
     rules: Vec<IndexedRule>,
+    heads: Option<Heads>,
+    /// The calibration has heads for this model that do not fit this exemplar set.
+    stale_heads: bool,
 }
+
+/// Learned heads in force (from the calibration), one per rule (`None`: never violated).
+struct Heads {
+    heads: Vec<Option<LinearHead>>,
+    piece_margin: f32,
+}
+
+/// Logit of a rule that has no head (no labelled violations to fit one on).
+pub const NO_HEAD_LOGIT: f32 = -30.0;
 
 impl Index {
     /// The distinct exemplar texts of a constitution, in the order [`Index::new`] expects
@@ -65,6 +85,31 @@ impl Index {
             }
         }
         out
+    }
+
+    /// sha256 of the exemplar set as the heads see it: every exemplar text in row order and
+    /// each rule's violating and compliant rows. A head is tied to it.
+    pub fn exemplar_set_hash(constitution: &Constitution) -> String {
+        let mut h = Sha256::new();
+        for t in Self::exemplar_texts(constitution) {
+            h.update(t.as_bytes());
+            h.update(b"\0");
+        }
+        for rule in &constitution.rules {
+            h.update(format!("\0rule {}\0", rule.id).as_bytes());
+            for e in rule.violating.iter().chain([&crate::constitution::Example {
+                text: "\0compliant".into(),
+                source: None,
+            }]) {
+                h.update(e.text.as_bytes());
+                h.update(b"\0");
+            }
+            for e in &rule.compliant {
+                h.update(e.text.as_bytes());
+                h.update(b"\0");
+            }
+        }
+        hex::encode(h.finalize())[..16].to_string()
     }
 
     /// Builds the index from the vectors of [`Index::exemplar_texts`], in that order.
@@ -103,6 +148,32 @@ impl Index {
             r
         };
         let shared = rows(&constitution.shared_compliant);
+        // Heads count only when fitted for this model on this exemplar set; their
+        // thresholds are logits, so without valid heads the file's thresholds stand.
+        let calibration = constitution
+            .calibration
+            .as_ref()
+            .filter(|c| c.model == model.id);
+        let has_heads = calibration.is_some_and(|c| c.rules.values().any(|r| r.head.is_some()));
+        let heads_valid = has_heads
+            && calibration.and_then(|c| c.exemplars.as_deref())
+                == Some(Self::exemplar_set_hash(&constitution).as_str())
+            && calibration.is_some_and(|c| {
+                c.rules.values().filter_map(|r| r.head.as_ref()).all(|h| {
+                    h.weights.len() == dim && h.knn_weights.len() == constitution.rules.len()
+                })
+            });
+        let heads = heads_valid.then(|| {
+            let c = calibration.expect("heads come from a calibration");
+            Heads {
+                heads: constitution
+                    .rules
+                    .iter()
+                    .map(|r| c.rules.get(&r.id).and_then(|x| x.head.clone()))
+                    .collect(),
+                piece_margin: c.piece_margin.unwrap_or(0.0),
+            }
+        });
         let rules = constitution
             .rules
             .iter()
@@ -116,19 +187,42 @@ impl Index {
                     category: rule.category.clone(),
                     severity: rule.severity,
                     action: rule.action,
-                    threshold: constitution.threshold(rule, &model.id),
+                    threshold: if has_heads && !heads_valid {
+                        rule.threshold
+                    } else {
+                        constitution.threshold(rule, &model.id)
+                    },
                     violating: rows(&rule.violating),
                     compliant,
                 }
             })
+            .collect::<Vec<IndexedRule>>();
+        let mut pool: Vec<u32> = rules.iter().flat_map(|r| r.compliant.clone()).collect();
+        pool.sort_unstable();
+        pool.dedup();
+        let n = texts.len().max(1) as f32;
+        let mut centre = vec![0f32; dim];
+        for row in flat.chunks_exact(dim) {
+            for (c, x) in centre.iter_mut().zip(row) {
+                *c += x / n;
+            }
+        }
+        let centred = flat
+            .chunks_exact(dim)
+            .flat_map(|row| centred_unit(row, &centre))
             .collect();
         Ok(Self {
             model: model.id.clone(),
             constitution,
             dim,
             vectors: flat,
+            centre,
+            centred,
+            pool,
             texts,
             rules,
+            heads,
+            stale_heads: has_heads && !heads_valid,
         })
     }
 
@@ -157,28 +251,102 @@ impl Index {
     }
 
     /// Similarity of `vector` to every exemplar row.
-    fn similarities(&self, vector: &[f32]) -> Vec<f32> {
+    pub fn similarities(&self, vector: &[f32]) -> Vec<f32> {
         self.vectors
             .chunks_exact(self.dim)
             .map(|row| crate::embed::dot(row, vector))
             .collect()
     }
 
+    /// The calibration's heads were fitted on other exemplars (or shapes), so they are not
+    /// used and the file's thresholds stand until `charter calibrate` runs again.
+    pub fn stale_heads(&self) -> bool {
+        self.stale_heads
+    }
+
+    /// Whether rule scores are learned heads' logits (else kNN cosine differences).
+    pub fn has_heads(&self) -> bool {
+        self.heads.is_some()
+    }
+
+    /// How far a long text's sentence piece must score above the threshold to count.
+    pub fn piece_margin(&self) -> f32 {
+        self.heads.as_ref().map_or(0.0, |h| h.piece_margin)
+    }
+
+    /// Similarity of `vector`, centred like the rows, to every centred exemplar row.
+    pub fn centred_similarities(&self, vector: &[f32]) -> Vec<f32> {
+        let q = centred_unit(vector, &self.centre);
+        self.centred
+            .chunks_exact(self.dim)
+            .map(|row| crate::embed::dot(row, &q))
+            .collect()
+    }
+
+    /// The heads' kNN features from [`Index::centred_similarities`]: per rule, the mean
+    /// of the `k` best violating rows minus that of the `k` best rows of the compliant
+    /// pool, without the rows where `exclude` is true.
+    pub fn knn_features(&self, csims: &[f32], k: usize, exclude: Option<&[bool]>) -> Vec<f32> {
+        let mut scratch = Vec::new();
+        let pool = top_k_mean(csims, &self.pool, k, exclude, &mut scratch).map_or(0.0, |m| m.0);
+        self.rules
+            .iter()
+            .map(|rule| {
+                top_k_mean(csims, &rule.violating, k, exclude, &mut scratch).map_or(-2.0, |m| m.0)
+                    - pool
+            })
+            .collect()
+    }
+
+    /// The heads' logits for one piece vector, when the index has heads.
+    pub fn head_logits(&self, vector: &[f32], exclude: Option<&[bool]>) -> Option<Vec<f32>> {
+        let heads = self.heads.as_ref()?;
+        let knn = self.knn_features(
+            &self.centred_similarities(vector),
+            super::head::HEAD_K,
+            exclude,
+        );
+        Some(
+            heads
+                .heads
+                .iter()
+                .map(|h| {
+                    h.as_ref()
+                        .map_or(NO_HEAD_LOGIT, |h| super::head::logit(h, vector, &knn))
+                })
+                .collect(),
+        )
+    }
+
     /// Every rule's score for one piece vector.
     pub fn score_piece(&self, vector: &[f32], top_k: usize) -> Vec<PieceScore> {
-        let sims = self.similarities(vector);
+        self.score_similarities(&self.similarities(vector), top_k, None)
+    }
+
+    /// Every rule's score from a piece's [`Index::similarities`], leaving out the exemplar
+    /// rows where `exclude` is true (cross-validation: an item is never scored against
+    /// exemplars from its own group). A rule left with no violating row scores -2, below
+    /// any cosine difference.
+    pub fn score_similarities(
+        &self,
+        sims: &[f32],
+        top_k: usize,
+        exclude: Option<&[bool]>,
+    ) -> Vec<PieceScore> {
         let mut scratch = Vec::new();
         self.rules
             .iter()
             .map(|rule| {
                 let (violating, nearest_violating) =
-                    top_k_mean(&sims, &rule.violating, top_k, &mut scratch);
-                let (compliant, nearest_compliant) = if rule.compliant.is_empty() {
-                    (0.0, None)
-                } else {
-                    let (m, n) = top_k_mean(&sims, &rule.compliant, top_k, &mut scratch);
-                    (m, Some(n))
-                };
+                    match top_k_mean(sims, &rule.violating, top_k, exclude, &mut scratch) {
+                        Some(v) => v,
+                        None => (-2.0, (rule.violating[0], sims[rule.violating[0] as usize])),
+                    };
+                let (compliant, nearest_compliant) =
+                    match top_k_mean(sims, &rule.compliant, top_k, exclude, &mut scratch) {
+                        Some((m, n)) => (m, Some(n)),
+                        None => (0.0, None),
+                    };
                 PieceScore {
                     score: violating - compliant,
                     nearest_violating,
@@ -189,20 +357,39 @@ impl Index {
     }
 }
 
-/// Mean of the `k` largest `sims[rows]`, and the row with the largest.
-fn top_k_mean(sims: &[f32], rows: &[u32], k: usize, scratch: &mut Vec<f32>) -> (f32, (u32, f32)) {
+/// `normalise(v - centre)`.
+fn centred_unit(v: &[f32], centre: &[f32]) -> Vec<f32> {
+    let d: Vec<f32> = v.iter().zip(centre).map(|(a, b)| a - b).collect();
+    let norm = d.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    d.into_iter().map(|x| x / norm).collect()
+}
+
+/// Mean of the `k` largest `sims[rows]` (rows not excluded), and the row with the largest;
+/// `None` when no row is left.
+fn top_k_mean(
+    sims: &[f32],
+    rows: &[u32],
+    k: usize,
+    exclude: Option<&[bool]>,
+    scratch: &mut Vec<f32>,
+) -> Option<(f32, (u32, f32))> {
     scratch.clear();
-    scratch.extend(rows.iter().map(|&r| sims[r as usize]));
-    let mut nearest = (rows[0], sims[rows[0] as usize]);
+    let mut nearest: Option<(u32, f32)> = None;
     for &r in rows {
-        if sims[r as usize] > nearest.1 {
-            nearest = (r, sims[r as usize]);
+        if exclude.is_some_and(|x| x[r as usize]) {
+            continue;
+        }
+        let s = sims[r as usize];
+        scratch.push(s);
+        if nearest.is_none_or(|(_, b)| s > b) {
+            nearest = Some((r, s));
         }
     }
+    let nearest = nearest?;
     let k = k.min(scratch.len()).max(1);
     if k < scratch.len() {
         scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     }
     let mean = scratch[..k].iter().sum::<f32>() / k as f32;
-    (mean, nearest)
+    Some((mean, nearest))
 }

@@ -113,6 +113,8 @@ pub enum Target {
     F1,
     /// The lowest threshold whose false-positive rate is at most this.
     Fpr(f64),
+    /// The highest threshold whose recall is at least this.
+    Recall(f64),
 }
 
 impl std::str::FromStr for Target {
@@ -127,7 +129,15 @@ impl std::str::FromStr for Target {
                 return Ok(Target::Fpr(v));
             }
         }
-        Err(format!("{s:?} is not f1 or fpr=RATE (0 <= RATE < 1)"))
+        if let Some(v) = s.strip_prefix("recall=") {
+            let v: f64 = v.parse().map_err(|_| format!("bad rate in {s:?}"))?;
+            if v > 0.0 && v <= 1.0 {
+                return Ok(Target::Recall(v));
+            }
+        }
+        Err(format!(
+            "{s:?} is not f1, fpr=RATE (0 <= RATE < 1) or recall=RATE (0 < RATE <= 1)"
+        ))
     }
 }
 
@@ -136,6 +146,7 @@ impl std::fmt::Display for Target {
         match self {
             Target::F1 => write!(f, "f1"),
             Target::Fpr(v) => write!(f, "fpr={v}"),
+            Target::Recall(v) => write!(f, "recall={v}"),
         }
     }
 }
@@ -186,6 +197,11 @@ pub fn fit_threshold(scores: &[f32], positive: &[bool], target: Target) -> Optio
             Target::Fpr(max) => {
                 if fp as f64 / n_neg as f64 <= max {
                     best = Some((tp as f64, threshold));
+                }
+            }
+            Target::Recall(min) => {
+                if best.is_none() && tp as f64 / n_pos as f64 >= min {
+                    best = Some((0.0, threshold));
                 }
             }
         }
@@ -258,6 +274,15 @@ mod tests {
         assert!(c.false_positive_rate() <= 0.25 && c.tp == 4);
         assert!("fpr=0.05".parse::<Target>().is_ok());
         assert!("fpr=2".parse::<Target>().is_err());
+        let t = fit_threshold(&s, &p, Target::Recall(0.75)).unwrap();
+        let c = Confusion::at(&s, &p, t);
+        assert_eq!(
+            (c.tp, c.fp),
+            (3, 0),
+            "highest threshold with recall >= 0.75: {t}"
+        );
+        assert_eq!("recall=0.82".parse::<Target>(), Ok(Target::Recall(0.82)));
+        assert_eq!(Target::Recall(0.82).to_string(), "recall=0.82");
         assert!("auc".parse::<Target>().is_err());
     }
 }

@@ -9,7 +9,13 @@
 //! long harmless preamble still counts. The rule is violated when the score exceeds the
 //! threshold in force (calibrated for this model, else the file's); `risk` is the largest
 //! score-minus-threshold over rules, so `risk > 0` exactly when the verdict is `fail`.
+//!
+//! When the constitution's calibration has learned heads for this model and exemplar set
+//! ([`head`]), a rule's score is instead its head's logit over the piece's embedding and
+//! kNN features, and a sentence piece of a long text counts only above the calibrated
+//! margin. Evidence is the same nearest exemplars either way.
 
+pub mod head;
 mod index;
 pub mod metrics;
 
@@ -18,7 +24,7 @@ use serde::Serialize;
 use crate::constitution::{Action, Severity};
 use crate::embed::TextEmbedding;
 
-pub use index::{Index, IndexError};
+pub use index::{Index, IndexError, NO_HEAD_LOGIT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,10 +87,30 @@ impl TextResult {
 
 /// Scores one embedded text against an index. `text` is the text the pieces index into.
 pub fn evaluate(index: &Index, text: &str, embedded: &TextEmbedding, top_k: usize) -> TextResult {
+    evaluate_excluding(index, text, embedded, top_k, None)
+}
+
+/// [`evaluate`] without the exemplar rows where `exclude` is true (cross-validation).
+pub fn evaluate_excluding(
+    index: &Index,
+    text: &str,
+    embedded: &TextEmbedding,
+    top_k: usize,
+    exclude: Option<&[bool]>,
+) -> TextResult {
     let mut best: Vec<Option<index::PieceScore>> = vec![None; index.rules().len()];
     let mut best_piece = vec![0usize; index.rules().len()];
     for (p, piece) in embedded.pieces.iter().enumerate() {
-        let scores = index.score_piece(&piece.vector, top_k);
+        let sims = index.similarities(&piece.vector);
+        let mut scores = index.score_similarities(&sims, top_k, exclude);
+        if let Some(logits) = index.head_logits(&piece.vector, exclude) {
+            // A sentence piece of a long text must clear the margin: a long harmless
+            // text has many pieces, each a chance to score high by luck.
+            let margin = if p == 0 { 0.0 } else { index.piece_margin() };
+            for (s, l) in scores.iter_mut().zip(logits) {
+                s.score = l - margin;
+            }
+        }
         for (r, s) in scores.into_iter().enumerate() {
             if best[r].as_ref().is_none_or(|b| s.score > b.score) {
                 best[r] = Some(s);

@@ -185,3 +185,102 @@ fn index_rejects_wrong_shapes() {
         })
     ));
 }
+
+/// The toy constitution with a calibration whose heads were fitted on `exemplars`.
+fn calibrated_index(exemplars: Option<String>) -> Index {
+    use crate::constitution::{Calibration, LinearHead, RuleCalibration};
+    let plain = index(&["hello"]);
+    let mut constitution = (**plain.constitution()).clone();
+    let head = |w: [f32; 3]| LinearHead {
+        weights: w.to_vec(),
+        knn_weights: vec![0.0, 0.0],
+        bias: 0.0,
+    };
+    constitution.calibration = Some(Calibration {
+        model: "toy".into(),
+        target: "f1".into(),
+        data: String::new(),
+        fitted_at: String::new(),
+        exemplars: Some(exemplars.unwrap_or_else(|| Index::exemplar_set_hash(&constitution))),
+        piece_margin: Some(1.0),
+        rules: [
+            (
+                "weapons".to_string(),
+                RuleCalibration {
+                    threshold: 0.5,
+                    head: Some(head([1.0, 0.0, 0.0])),
+                },
+            ),
+            (
+                "privacy".to_string(),
+                RuleCalibration {
+                    threshold: 0.5,
+                    head: None,
+                },
+            ),
+        ]
+        .into(),
+    });
+    let texts = Index::exemplar_texts(&constitution);
+    let vectors = texts.iter().map(|t| toy_vector(t)).collect();
+    Index::new(Arc::new(constitution), &model(), vectors).unwrap()
+}
+
+#[test]
+fn calibrated_heads_score_logits_and_pieces_clear_the_margin() {
+    let idx = calibrated_index(None);
+    assert!(idx.has_heads());
+    assert_eq!(idx.rules()[0].threshold, 0.5);
+    let text = "a bomb";
+    let r = evaluate(&idx, text, &embedded(text, &[(text, [1.0, 0.0, 0.0])]), 1);
+    assert_eq!(r.rules[0].score, 1.0, "logit = weights . q + bias");
+    assert!(r.rules[0].violated);
+    assert_eq!(
+        r.rules[1].score, NO_HEAD_LOGIT,
+        "a rule without a head never fires"
+    );
+    // A long text whose only weapons-like part is a sentence piece: the piece's logit
+    // (1.0) minus the margin (1.0) is below the threshold.
+    let text = "gardening prose. a bomb";
+    let r = evaluate(
+        &idx,
+        text,
+        &embedded(
+            text,
+            &[(text, [0.0, 0.0, 1.0]), ("a bomb", [1.0, 0.0, 0.0])],
+        ),
+        1,
+    );
+    assert!(!r.rules[0].violated, "{}", r.rules[0].score);
+}
+
+#[test]
+fn heads_fitted_on_other_exemplars_are_ignored_with_the_files_thresholds() {
+    let idx = calibrated_index(Some("0000000000000000".into()));
+    assert!(!idx.has_heads());
+    assert_eq!(
+        idx.rules()[0].threshold,
+        0.1,
+        "the file's threshold, not the logit one"
+    );
+}
+
+#[test]
+fn excluded_rows_are_not_scored() {
+    let idx = index(&["hello"]);
+    let v = [1.0, 0.0, 0.0];
+    let sims = idx.similarities(&v);
+    let all = idx.score_similarities(&sims, 1, None);
+    // Leave out every violating row of the weapons rule ("bomb", "gun").
+    let exclude: Vec<bool> = (0..idx.len())
+        .map(|r| ["bomb", "gun"].contains(&idx.exemplar_text(r as u32)))
+        .collect();
+    let masked = idx.score_similarities(&sims, 1, Some(&exclude));
+    assert!(all[0].score > 0.0);
+    assert!(
+        masked[0].score < -1.0,
+        "no violating row left: {}",
+        masked[0].score
+    );
+    assert_eq!(all[1].score, masked[1].score, "other rules unchanged");
+}

@@ -71,3 +71,173 @@ fn eval_writes_one_line_per_input_with_ids() {
     assert_eq!(lines[3]["id"], 4, "plain lines are numbered");
     assert_eq!(lines[3]["verdict"], "pass");
 }
+
+/// A small labelled slice of the development set: every `step`-th line.
+fn dev_slice(dir: &std::path::Path, step: usize) -> std::path::PathBuf {
+    let dev = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/bench/dev.jsonl"
+    ))
+    .expect("shared/bench/dev.jsonl beside the repository");
+    let lines: Vec<&str> = dev.lines().step_by(step).collect();
+    let path = dir.join("slice.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn bench_writes_a_json_report_and_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dev_slice(dir.path(), 15);
+    let out = dir.path().join("report");
+    let run = charter()
+        .args(["bench", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .env("CHARTER__AUDIT__ENABLED", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("ROC-AUC"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let items = report["data"]["items"].as_u64().unwrap();
+    assert_eq!(
+        items as usize,
+        std::fs::read_to_string(&data).unwrap().lines().count()
+    );
+    let auc = report["auc"]["overall"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auc), "{auc}");
+    for slice in ["by_lang", "by_kind", "by_category", "by_source"] {
+        assert!(
+            !report["auc"][slice].as_object().unwrap().is_empty(),
+            "{slice}"
+        );
+    }
+    assert!(report["auc"]["by_lang"]["zh"].is_number(), "{report}");
+    let at = &report["at_thresholds"];
+    for key in [
+        "precision",
+        "recall",
+        "f1",
+        "scary_false_positive_rate",
+        "tp",
+        "fp",
+    ] {
+        assert!(at[key].is_number(), "{key}: {at}");
+    }
+    assert!(at["by_source"]["openai-moderation"]["f1"].is_number());
+    assert!(report["throughput"]["texts_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["cross_validation"]
+        .as_str()
+        .unwrap()
+        .contains("grouped 5-fold"));
+    // The items are exemplars of the default constitution, whose calibration came from
+    // the same set: heads and thresholds are refitted per fold, never used as they are.
+    assert!(
+        report["thresholds"].as_str().unwrap().contains("refitted"),
+        "{}",
+        report["thresholds"]
+    );
+    let png = std::fs::read(out.join("report.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    let decoder = png::Decoder::new(std::io::Cursor::new(png));
+    let reader = decoder.read_info().expect("a valid PNG header");
+    assert!(reader.info().width >= 800 && reader.info().height >= 400);
+}
+
+/// Copies the default constitution (TOML and example files) into `dir`.
+fn copy_constitution(dir: &std::path::Path) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitution");
+    std::fs::create_dir_all(dir.join("default")).unwrap();
+    std::fs::copy(src.join("default.toml"), dir.join("default.toml")).unwrap();
+    for entry in std::fs::read_dir(src.join("default")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join("default").join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+async fn default_version(server: &crate::common::TestServer) -> String {
+    let list: serde_json::Value = reqwest::get(server.url("/v1/constitutions"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "default")
+        .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn calibrate_fits_heads_and_changes_the_served_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let constitutions = dir.path().join("constitution");
+    copy_constitution(&constitutions);
+    let cdir = constitutions.to_str().unwrap().to_string();
+    let server = crate::common::TestServer::start(&[("CHARTER__CONSTITUTIONS__DIR", &cdir)]);
+    let before = default_version(&server).await;
+    server.stop().unwrap();
+
+    let data = dev_slice(dir.path(), 5);
+    let run = charter()
+        .args(["calibrate", "--target", "recall=0.8", "--data"])
+        .arg(&data)
+        .env("CHARTER__CONSTITUTIONS__DIR", &cdir)
+        .env("CHARTER__AUDIT__ENABLED", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("recall"), "{stdout}");
+    let file: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(constitutions.join("default.calibration.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file["target"], "recall=0.8");
+    assert!(file["exemplars"].is_string());
+    let harm = &file["rules"]["harmful-content"];
+    assert_eq!(harm["head"]["weights"].as_array().unwrap().len(), 512);
+    assert_eq!(harm["head"]["knn_weights"].as_array().unwrap().len(), 9);
+
+    let server = crate::common::TestServer::start(&[("CHARTER__CONSTITUTIONS__DIR", &cdir)]);
+    let after = default_version(&server).await;
+    assert_ne!(before, after, "calibration is part of the version");
+    // The heads serve: a clear violation fails, an everyday question passes, and the
+    // thresholds reported are the calibrated logit threshold.
+    let bad = crate::common::evaluate(
+        &server,
+        "Give me step-by-step instructions to build a pipe bomb and hurt people.",
+    )
+    .await;
+    let good = crate::common::evaluate(&server, "What is a good recipe for tomato soup?").await;
+    assert_eq!(bad["verdict"], "fail", "{bad}");
+    assert_eq!(good["verdict"], "pass", "{good}");
+    let threshold = harm["threshold"].as_f64().unwrap();
+    let served = bad["results"][0]["rules"]
+        .as_array()
+        .or_else(|| bad["rules"].as_array())
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "harmful-content")
+        .unwrap()["threshold"]
+        .as_f64()
+        .unwrap();
+    assert!((served - threshold).abs() < 1e-4, "{served} vs {threshold}");
+    server.stop().unwrap();
+}

@@ -1,0 +1,634 @@
+//! Quality of verdicts on labelled data: `charter bench` (the report) and `charter
+//! calibrate` (fitted thresholds). Owns the labelled-data format (../shared/bench: JSONL
+//! with `id`, `text`, `label`, `lang`, `kind`, `category`, `source`), grouped
+//! cross-validation, the report and its PNG. It embeds through the [`Engine`] and scores
+//! with [`crate::evaluate`]; it knows nothing of HTTP.
+//!
+//! Grouped cross-validation: the default constitution's exemplars come from the
+//! development set (an exemplar's `source` is `dev:<item id>`), so an item scored against
+//! the full constitution would find itself. Items are split into [`FOLDS`] folds by group
+//! (the id before `#`); an item of fold f is scored without the exemplars of any group of
+//! fold f, and every fitted parameter it is judged by (thresholds, heads) is fitted on the
+//! other folds only.
+
+mod heads;
+mod plot;
+pub mod report;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::constitution::{Calibration, Constitution, RuleCalibration, CALIBRATION_SUFFIX};
+use crate::embed::TextEmbedding;
+use crate::engine::{Engine, EngineError};
+use crate::evaluate::metrics::{fit_threshold, Target};
+use crate::evaluate::{self, Index};
+
+pub use report::Report;
+
+/// Folds of the grouped cross-validation.
+pub const FOLDS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QualityError {
+    #[error("{path}:{line}: {message}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One labelled item.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Item {
+    pub id: String,
+    pub text: String,
+    /// `violation` or `ok`.
+    pub label: String,
+    #[serde(default)]
+    pub lang: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub source: String,
+}
+
+impl Item {
+    pub fn violation(&self) -> bool {
+        self.label == "violation"
+    }
+
+    /// The group: items that share it are variants of one text (the id before `#`).
+    pub fn group(&self) -> &str {
+        group_of(&self.id)
+    }
+
+    /// Safe-but-scary: an ok item from XSTest (safe prompts, refusals, safe completions) or
+    /// an anti-bias comment, the texts a guard most easily flags wrongly.
+    pub fn scary(&self) -> bool {
+        !self.violation() && (self.id.contains("xstest") || self.id.contains("antibias"))
+    }
+}
+
+pub fn group_of(id: &str) -> &str {
+    id.split('#').next().unwrap_or(id)
+}
+
+/// The fold of a group: stable across runs and machines (sha256 of the group).
+pub fn fold_of(group: &str, folds: usize) -> usize {
+    let h = Sha256::digest(group.as_bytes());
+    (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize) % folds
+}
+
+/// A labelled data file and its sha256.
+pub struct Data {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub items: Vec<Item>,
+}
+
+impl Data {
+    pub fn read(path: &Path) -> Result<Self, QualityError> {
+        let bytes = std::fs::read(path).map_err(|source| QualityError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let text = String::from_utf8_lossy(&bytes);
+        let mut items = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let err = |message: String| QualityError::Data {
+                path: path.to_path_buf(),
+                line: n + 1,
+                message,
+            };
+            let item: Item = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
+            if item.label != "violation" && item.label != "ok" {
+                return Err(err(format!(
+                    "label {:?} is neither \"violation\" nor \"ok\"",
+                    item.label
+                )));
+            }
+            if item.text.trim().is_empty() {
+                return Err(err("empty text".into()));
+            }
+            items.push(item);
+        }
+        if !items.iter().any(Item::violation) || items.iter().all(Item::violation) {
+            return Err(QualityError::Invalid(format!(
+                "{} needs both violation and ok items",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            sha256,
+            items,
+        })
+    }
+
+    /// `path sha256=…`, as recorded in a calibration file.
+    pub fn describe(&self) -> String {
+        format!("{} sha256={}", self.path.display(), self.sha256)
+    }
+}
+
+/// Per exemplar row of an index (in [`Index::exemplar_texts`] order), the groups of the
+/// labelled items it was taken from (`source = "dev:<id>"`).
+pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
+    let texts = Index::exemplar_texts(constitution);
+    let row: HashMap<&str, usize> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut groups = vec![Vec::new(); texts.len()];
+    let all = constitution.shared_compliant.iter().chain(
+        constitution
+            .rules
+            .iter()
+            .flat_map(|r| r.violating.iter().chain(&r.compliant)),
+    );
+    for example in all {
+        if let Some(id) = example
+            .source
+            .as_deref()
+            .and_then(|s| s.strip_prefix("dev:"))
+        {
+            groups[row[example.text.as_str()]].push(group_of(id).to_string());
+        }
+    }
+    groups
+}
+
+/// The items embedded, and every piece's similarity to every exemplar row (computed once;
+/// each fold then leaves rows out).
+pub struct Embedded {
+    pub texts: Vec<TextEmbedding>,
+    pub sims: Vec<Vec<Vec<f32>>>,
+    /// Embedding, and scoring through the serving path, in seconds.
+    pub embed_secs: f64,
+    pub score_secs: f64,
+}
+
+/// Embeds every item (chunks of 32, a few in flight, as `charter eval` does) and times the
+/// serving path: embedding plus [`evaluate::evaluate`] against the full index.
+pub async fn embed_items(
+    engine: &Arc<Engine>,
+    index: &Index,
+    items: &[Item],
+) -> Result<Embedded, QualityError> {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let chunks: Vec<Arc<Vec<String>>> = items
+        .chunks(32)
+        .map(|c| Arc::new(c.iter().map(|i| i.text.clone()).collect()))
+        .collect();
+    let mut stream = futures_util::stream::iter(chunks.into_iter().map(|texts| {
+        let engine = Arc::clone(engine);
+        async move { engine.embed(texts).await }
+    }))
+    .buffered(4);
+    let mut texts = Vec::with_capacity(items.len());
+    while let Some(out) = stream.next().await {
+        texts.extend(out?.texts);
+    }
+    let embed_secs = started.elapsed().as_secs_f64();
+    let scoring = Instant::now();
+    for (item, emb) in items.iter().zip(&texts) {
+        std::hint::black_box(evaluate::evaluate(index, &item.text, emb, engine.top_k()));
+    }
+    let score_secs = scoring.elapsed().as_secs_f64();
+    let sims = texts
+        .iter()
+        .map(|t| {
+            t.pieces
+                .iter()
+                .map(|p| index.similarities(&p.vector))
+                .collect()
+        })
+        .collect();
+    Ok(Embedded {
+        texts,
+        sims,
+        embed_secs,
+        score_secs,
+    })
+}
+
+/// Which exemplar rows each fold must not see: rows taken from any group of that fold's
+/// items (groups that are not in the data are never left out).
+pub fn fold_exclusions(items: &[Item], row_groups: &[Vec<String>], folds: usize) -> Vec<Vec<bool>> {
+    let mut fold_groups: Vec<HashSet<&str>> = vec![HashSet::new(); folds];
+    for item in items {
+        fold_groups[fold_of(item.group(), folds)].insert(item.group());
+    }
+    fold_groups
+        .iter()
+        .map(|groups| {
+            row_groups
+                .iter()
+                .map(|gs| gs.iter().any(|g| groups.contains(g.as_str())))
+                .collect()
+        })
+        .collect()
+}
+
+/// Raw per-rule scores (before thresholds) of every item, each scored without the
+/// exemplars of its fold: the best piece per rule, as serving does (kNN scores, or the
+/// heads' logits with the piece margin when the index has heads).
+pub fn cv_rule_scores(
+    index: &Index,
+    items: &[Item],
+    embedded: &Embedded,
+    top_k: usize,
+    folds: usize,
+) -> Vec<Vec<f32>> {
+    let exclusions = fold_exclusions(items, &row_groups(index.constitution()), folds);
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let exclude = &exclusions[fold_of(item.group(), folds)];
+            let mut best = vec![f32::NEG_INFINITY; index.rules().len()];
+            for (p, sims) in embedded.sims[i].iter().enumerate() {
+                let vector = &embedded.texts[i].pieces[p].vector;
+                let scores: Vec<f32> = match index.head_logits(vector, Some(exclude)) {
+                    Some(logits) => {
+                        let margin = if p == 0 { 0.0 } else { index.piece_margin() };
+                        logits.into_iter().map(|l| l - margin).collect()
+                    }
+                    None => index
+                        .score_similarities(sims, top_k, Some(exclude))
+                        .into_iter()
+                        .map(|s| s.score)
+                        .collect(),
+                };
+                for (b, s) in best.iter_mut().zip(scores) {
+                    *b = b.max(s);
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+/// The overall risk at per-rule thresholds: the largest score minus threshold.
+pub fn risk(scores: &[f32], thresholds: &[f32]) -> f32 {
+    scores
+        .iter()
+        .zip(thresholds)
+        .map(|(s, t)| s - t)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// One threshold shared by every rule, aimed at `target` over the items' overall risk
+/// (the best rule score). Raw kNN scores share a scale (a cosine difference), and so do
+/// the logits of class-balanced heads.
+pub fn fit_shared_threshold(scores: &[Vec<f32>], positive: &[bool], target: Target) -> Option<f32> {
+    let best: Vec<f32> = scores
+        .iter()
+        .map(|s| s.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    fit_threshold(&best, positive, target)
+}
+
+/// How `charter bench` came by the thresholds it judges with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThresholdSource {
+    /// The constitution file's (no calibration for this model).
+    File,
+    /// A calibration fitted on other data (none of the items is an exemplar): used as it is.
+    Calibration,
+    /// A calibration fitted on this data, or data whose items are exemplars: refitted per
+    /// fold on the other folds of this data.
+    RefitPerFold,
+}
+
+impl ThresholdSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThresholdSource::File => "constitution file",
+            ThresholdSource::Calibration => "calibration file (fitted on other data)",
+            ThresholdSource::RefitPerFold => "calibration refitted on the other folds",
+        }
+    }
+}
+
+/// Per item: the risk (score minus threshold in force, best rule) and whether the verdict
+/// is fail, with thresholds that never came from the item's own fold.
+pub fn cv_risks(
+    index: &Index,
+    items: &[Item],
+    embedded: &Embedded,
+    scores: &[Vec<f32>],
+    folds: usize,
+) -> Result<(Vec<f32>, ThresholdSource), QualityError> {
+    let in_force: Vec<f32> = index.rules().iter().map(|r| r.threshold).collect();
+    let calibration = index
+        .constitution()
+        .calibration
+        .as_ref()
+        // Stale heads are not served, so their file's thresholds are what counts.
+        .filter(|c| c.model == index.model() && !index.stale_heads());
+    let Some(calibration) = calibration else {
+        return Ok((
+            scores.iter().map(|s| risk(s, &in_force)).collect(),
+            ThresholdSource::File,
+        ));
+    };
+    // Fitted on this data, or on data that shares items with the exemplars (a slice of
+    // the set the exemplars came from): refit on the other folds, never trust it as is.
+    let exemplar_groups: HashSet<String> = row_groups(index.constitution())
+        .into_iter()
+        .flatten()
+        .collect();
+    let fitted_here = calibration.data.contains(&items_sha(items))
+        || items.iter().any(|i| exemplar_groups.contains(i.group()));
+    if !fitted_here {
+        return Ok((
+            scores.iter().map(|s| risk(s, &in_force)).collect(),
+            ThresholdSource::Calibration,
+        ));
+    }
+    let target: Target = calibration
+        .target
+        .parse()
+        .map_err(|e| QualityError::Invalid(format!("calibration target: {e}")))?;
+    if index.has_heads() {
+        let risks = heads::HeadCv::new(index, items, embedded, folds)
+            .cv_risks(target)
+            .ok_or_else(|| QualityError::Invalid("a fold lacks one of the labels".into()))?;
+        return Ok((risks, ThresholdSource::RefitPerFold));
+    }
+    let fold: Vec<usize> = items.iter().map(|i| fold_of(i.group(), folds)).collect();
+    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+    let mut risks = vec![0.0; items.len()];
+    for f in 0..folds {
+        let train: Vec<usize> = (0..items.len()).filter(|&i| fold[i] != f).collect();
+        let t = fit_shared_threshold(
+            &train.iter().map(|&i| scores[i].clone()).collect::<Vec<_>>(),
+            &train.iter().map(|&i| positive[i]).collect::<Vec<_>>(),
+            target,
+        )
+        .ok_or_else(|| QualityError::Invalid(format!("fold {f} lacks one of the labels")))?;
+        let thresholds = vec![t; index.rules().len()];
+        for i in (0..items.len()).filter(|&i| fold[i] == f) {
+            risks[i] = risk(&scores[i], &thresholds);
+        }
+    }
+    Ok((risks, ThresholdSource::RefitPerFold))
+}
+
+/// A fingerprint of the items (ids and labels), so bench can tell the calibration's data.
+fn items_sha(items: &[Item]) -> String {
+    let mut h = Sha256::new();
+    for i in items {
+        h.update(i.id.as_bytes());
+        h.update(b"\0");
+        h.update(i.label.as_bytes());
+        h.update(b"\n");
+    }
+    format!("items={}", &hex::encode(h.finalize())[..16])
+}
+
+/// What `charter bench` wrote.
+pub struct Benched {
+    pub report: Report,
+    pub json: PathBuf,
+    pub png: PathBuf,
+}
+
+/// Scores the data with grouped cross-validation, writes `report.json` and `report.png`
+/// into `out`.
+pub async fn bench(
+    engine: &Arc<Engine>,
+    constitution: Option<&str>,
+    data: &Data,
+    out: &Path,
+) -> Result<Benched, QualityError> {
+    let index = engine.constitution(constitution)?;
+    let items = &data.items;
+    let embedded = embed_items(engine, &index, items).await?;
+    let scores = cv_rule_scores(&index, items, &embedded, engine.top_k(), FOLDS);
+    let (risks, source) = cv_risks(&index, items, &embedded, &scores, FOLDS)?;
+    let (auc, at_thresholds) = report::metrics(items, &risks);
+    let secs = embedded.embed_secs + embedded.score_secs;
+    let c = index.constitution();
+    let report = Report {
+        data: report::DataInfo {
+            path: data.path.display().to_string(),
+            sha256: data.sha256.clone(),
+            items: items.len(),
+            violations: items.iter().filter(|i| i.violation()).count(),
+            ok: items.iter().filter(|i| !i.violation()).count(),
+            scary: items.iter().filter(|i| i.scary()).count(),
+        },
+        constitution: c.id.clone(),
+        version: c.version.clone(),
+        model: index.model().to_string(),
+        scorer: if index.has_heads() { "head" } else { "knn" }.into(),
+        cross_validation: format!(
+            "grouped {FOLDS}-fold CV (no item sees exemplars or fits from its fold's groups)"
+        ),
+        thresholds: source.as_str().into(),
+        auc,
+        at_thresholds,
+        throughput: report::Throughput {
+            texts: items.len(),
+            embed_secs: embedded.embed_secs,
+            score_secs: embedded.score_secs,
+            texts_per_sec: items.len() as f64 / secs.max(1e-9),
+        },
+        date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        machine: format!(
+            "{} cores available",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+    };
+    let write_err = |path: &Path, message: String| QualityError::Write {
+        path: path.to_path_buf(),
+        message,
+    };
+    std::fs::create_dir_all(out).map_err(|e| write_err(out, e.to_string()))?;
+    let json = out.join("report.json");
+    let text =
+        serde_json::to_string_pretty(&report).map_err(|e| write_err(&json, e.to_string()))?;
+    std::fs::write(&json, text + "\n").map_err(|e| write_err(&json, e.to_string()))?;
+    let png = out.join("report.png");
+    plot::write_png(&png, &report, items, &risks).map_err(|e| write_err(&png, e))?;
+    Ok(Benched { report, json, png })
+}
+
+/// What [`calibrate`] fitted.
+pub struct Calibrated {
+    pub path: PathBuf,
+    pub calibration: Calibration,
+    /// Recall, false-positive rate and scary false-positive rate of the fitted threshold
+    /// on the data's out-of-group scores.
+    pub recall: f64,
+    pub fpr: f64,
+    pub scary_fpr: f64,
+}
+
+/// Fits the calibration and writes `<stem>.calibration.json` beside the constitution.
+/// With `heads`, a learned head per rule (on every item, features leave-own-group-out),
+/// one shared logit threshold from grouped 5-fold out-of-fold logits and the sentence
+/// margin; without, one shared threshold on the kNN scores (each item scored without its
+/// fold's exemplars).
+pub async fn calibrate(
+    engine: &Arc<Engine>,
+    constitution: Option<&str>,
+    data: &Data,
+    target: Target,
+    heads: bool,
+) -> Result<Calibrated, QualityError> {
+    let index = engine.constitution(constitution)?;
+    let items = &data.items;
+    let embedded = embed_items(engine, &index, items).await?;
+    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+    let lacking =
+        || QualityError::Invalid("the data (or a fold of it) lacks one of the labels".into());
+    let (risks, thresholds, fitted_heads, margin) = if heads {
+        let cv = heads::HeadCv::new(&index, items, &embedded, FOLDS);
+        let oof = cv.oof(&[]);
+        let (t, margin) = cv.threshold_and_margin(&oof, target).ok_or_else(lacking)?;
+        let mut risks = vec![0.0; items.len()];
+        for (i, s) in &oof {
+            risks[*i] = s.risk(t, margin);
+        }
+        (
+            risks,
+            vec![t; index.rules().len()],
+            cv.fit(&[]),
+            Some(margin),
+        )
+    } else {
+        let scores = cv_rule_scores(&index, items, &embedded, engine.top_k(), FOLDS);
+        let t = fit_shared_threshold(&scores, &positive, target).ok_or_else(lacking)?;
+        let thresholds = vec![t; index.rules().len()];
+        let risks = scores.iter().map(|s| risk(s, &thresholds)).collect();
+        (risks, thresholds, vec![None; index.rules().len()], None)
+    };
+    let c = crate::evaluate::metrics::Confusion::at(&risks, &positive, 0.0);
+    let scary: Vec<usize> = (0..items.len()).filter(|&i| items[i].scary()).collect();
+    let scary_fp = scary.iter().filter(|&&i| risks[i] > 0.0).count();
+    let with_heads = fitted_heads.iter().any(Option::is_some);
+    let calibration = Calibration {
+        model: index.model().to_string(),
+        target: target.to_string(),
+        data: format!("{} {}", data.describe(), items_sha(items)),
+        fitted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        exemplars: with_heads.then(|| Index::exemplar_set_hash(index.constitution())),
+        piece_margin: margin.filter(|_| with_heads),
+        rules: index
+            .rules()
+            .iter()
+            .zip(thresholds)
+            .zip(fitted_heads)
+            .map(|((r, threshold), head)| (r.id.clone(), RuleCalibration { threshold, head }))
+            .collect::<BTreeMap<_, _>>(),
+    };
+    let c_path = &index.constitution().path;
+    let stem = c_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = c_path.with_file_name(format!("{stem}{CALIBRATION_SUFFIX}"));
+    let write_err = |message: String| QualityError::Write {
+        path: path.clone(),
+        message,
+    };
+    let json = serde_json::to_string(&calibration).map_err(|e| write_err(e.to_string()))?;
+    std::fs::write(&path, json + "\n").map_err(|e| write_err(e.to_string()))?;
+    Ok(Calibrated {
+        path,
+        calibration,
+        recall: c.recall(),
+        fpr: c.false_positive_rate(),
+        scary_fpr: scary_fp as f64 / scary.len().max(1) as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_and_folds_are_stable() {
+        assert_eq!(group_of("xstest:12#refusal"), "xstest:12");
+        assert_eq!(group_of("cold:1"), "cold:1");
+        let f = fold_of("xstest:12", 5);
+        assert!(f < 5);
+        assert_eq!(f, fold_of("xstest:12", 5));
+        // Many groups spread over every fold.
+        let mut seen = [0usize; 5];
+        for i in 0..500 {
+            seen[fold_of(&format!("g{i}"), 5)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 60), "{seen:?}");
+    }
+
+    #[test]
+    fn risk_is_the_largest_margin_and_shared_threshold_hits_recall() {
+        assert_eq!(risk(&[0.1, 0.5], &[0.0, 0.6]), 0.1);
+        let scores: Vec<Vec<f32>> = (0..10).map(|i| vec![i as f32 / 10.0, 0.0]).collect();
+        let positive: Vec<bool> = (0..10).map(|i| i >= 5).collect();
+        let t = fit_shared_threshold(&scores, &positive, Target::Recall(0.8)).unwrap();
+        let hits = (5..10).filter(|&i| scores[i][0] > t).count();
+        assert_eq!(hits, 4, "highest threshold keeping recall >= 0.8: {t}");
+    }
+
+    #[test]
+    fn exclusions_cover_exactly_the_folds_groups() {
+        let item = |id: &str| Item {
+            id: id.into(),
+            text: "t".into(),
+            label: "ok".into(),
+            lang: String::new(),
+            kind: String::new(),
+            category: String::new(),
+            source: String::new(),
+        };
+        let items = vec![item("a#1"), item("b")];
+        let rows = vec![
+            vec!["a".to_string()],
+            vec!["b".to_string()],
+            vec![],
+            vec!["zzz".to_string()],
+        ];
+        let ex = fold_exclusions(&items, &rows, 5);
+        let fa = fold_of("a", 5);
+        let fb = fold_of("b", 5);
+        assert!(ex[fa][0] && ex[fb][1]);
+        assert!(
+            !ex[fa][2] && !ex[fa][3] && !ex[fb][3],
+            "unlabelled rows always stay"
+        );
+        for (f, rows) in ex.iter().enumerate() {
+            assert_eq!(rows[0], f == fa);
+        }
+    }
+}
