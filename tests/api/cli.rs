@@ -72,14 +72,22 @@ fn eval_writes_one_line_per_input_with_ids() {
     assert_eq!(lines[3]["verdict"], "pass");
 }
 
-/// A small labelled slice of the development set: every `step`-th line.
+/// A small labelled slice of the development set: every `step`-th line of
+/// `../shared/bench/dev.jsonl` (`step` a multiple of 5). The tests read the committed
+/// copy of every 5th line, `tests/data/dev-slice.jsonl`, so that they run on a clone
+/// without the shared folder beside it (its texts and licences are those of the dev set,
+/// NOTICE).
 fn dev_slice(dir: &std::path::Path, step: usize) -> std::path::PathBuf {
+    assert!(
+        step.is_multiple_of(5),
+        "the committed slice holds every 5th dev line"
+    );
     let dev = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/bench/dev.jsonl"
+        "/tests/data/dev-slice.jsonl"
     ))
-    .expect("shared/bench/dev.jsonl beside the repository");
-    let lines: Vec<&str> = dev.lines().step_by(step).collect();
+    .expect("tests/data/dev-slice.jsonl");
+    let lines: Vec<&str> = dev.lines().step_by(step / 5).collect();
     let path = dir.join("slice.jsonl");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
