@@ -111,6 +111,7 @@ impl Engine {
         }
         *engine.registry.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Registry { default, indexes });
+        crate::embed::release_freed_memory();
         Ok(engine)
     }
 

@@ -92,6 +92,19 @@ pub struct TextEmbedding {
     pub truncated: bool,
 }
 
+/// Loading leaves tens of megabytes freed but still resident: fastembed parses the
+/// tokenizer and then keeps a clone of it, ONNX Runtime copies the model bytes, and
+/// embedding the exemplars leaves its batches behind. Called after each.
+/// Those are many small blocks in the middle of the heap, which glibc keeps; `malloc_trim`
+/// hands their pages back to the kernel.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// A model the workers can run. The ONNX implementation is [`OnnxBackend`]; unit tests of
 /// the queue use a deterministic fake.
 pub trait Backend: Send + 'static {

@@ -8,6 +8,8 @@ use fastembed::{
     InitOptionsUserDefined, OutputKey, Pooling, TextEmbedding, TokenizerFiles,
     UserDefinedEmbeddingModel,
 };
+use std::cell::RefCell;
+
 use tokenizers::Tokenizer;
 
 use super::{Backend, EmbedError, ModelInfo};
@@ -39,10 +41,12 @@ fn environment(library: &Path) -> Result<ort::environment::Environment, EmbedErr
 
 pub struct OnnxBackend {
     info: ModelInfo,
-    model: TextEmbedding,
-    /// The model's tokenizer without truncation or padding: token offsets for windows and
-    /// lengths for batching.
-    tokenizer: Tokenizer,
+    /// The session and its one tokenizer, which also gives the token offsets for pieces
+    /// and lengths for batching (`token_offsets` lifts its truncation for the call). A
+    /// second copy of the tokenizer would cost as much memory again: 52 MB for USE-m3's
+    /// 128k-piece vocabulary (heaptrack, BENCHMARKS.md). Only the worker thread that owns
+    /// the backend touches it.
+    model: RefCell<TextEmbedding>,
 }
 
 impl OnnxBackend {
@@ -92,16 +96,11 @@ impl OnnxBackend {
         let model = TextEmbedding::try_new_from_user_defined(user_model, options)
             .map_err(|e| EmbedError::Load(format!("{}: {e}", dir.display())))?;
 
-        let mut tokenizer = model.tokenizer.clone();
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| EmbedError::Load(e.to_string()))?;
         let mut backend = Self {
             info,
-            model,
-            tokenizer,
+            model: RefCell::new(model),
         };
+        super::release_freed_memory();
         // Warm-up call, which also checks the descriptor's `dim` against the model: a wrong
         // one would corrupt every score later.
         backend.embed(&["Charter warm-up"])?;
@@ -115,22 +114,31 @@ impl Backend for OnnxBackend {
     }
 
     fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, EmbedError> {
-        let encoding = self
-            .tokenizer
-            .encode(text, false)
+        let tokenizer = &mut self.model.borrow_mut().tokenizer;
+        let encoding = untruncated(tokenizer, |t| t.encode(text, false))
             .map_err(|e| EmbedError::Inference(format!("tokenizer: {e}")))?;
-        Ok(encoding.get_offsets().to_vec())
+        // A single encoding is not padded (batch-longest padding of one is itself); the
+        // mask keeps that true should the padding ever change.
+        Ok(encoding
+            .get_offsets()
+            .iter()
+            .zip(encoding.get_attention_mask())
+            .filter(|(_, &mask)| mask == 1)
+            .map(|(&offsets, _)| offsets)
+            .collect())
     }
 
     fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let result = if self.info.prefix.is_empty() {
-            self.model.embed(texts, Some(texts.len().max(1)))
+            self.model.get_mut().embed(texts, Some(texts.len().max(1)))
         } else {
             let prefixed: Vec<String> = texts
                 .iter()
                 .map(|t| format!("{}{t}", self.info.prefix))
                 .collect();
-            self.model.embed(&prefixed, Some(texts.len().max(1)))
+            self.model
+                .get_mut()
+                .embed(&prefixed, Some(texts.len().max(1)))
         };
         let vectors = result.map_err(|e| EmbedError::Inference(e.to_string()))?;
         if let Some(v) = vectors.iter().find(|v| v.len() != self.info.dim) {
@@ -142,5 +150,58 @@ impl Backend for OnnxBackend {
             )));
         }
         Ok(vectors)
+    }
+}
+
+/// Runs `f` on `tokenizer` with its truncation lifted, then puts the truncation back (also
+/// when `f` fails). The session's tokenizer truncates at the model window, and with
+/// tokenizers 0.23 a truncated encoding keeps no `overflowing` parts, so token counts
+/// and piece offsets need the whole text.
+fn untruncated<T>(
+    tokenizer: &mut Tokenizer,
+    f: impl FnOnce(&Tokenizer) -> tokenizers::Result<T>,
+) -> tokenizers::Result<T> {
+    let truncation = tokenizer.get_truncation().cloned();
+    tokenizer.with_truncation(None)?;
+    let result = f(tokenizer);
+    tokenizer.with_truncation(truncation)?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::{Tokenizer, TruncationParams};
+
+    use super::untruncated;
+
+    #[test]
+    fn offsets_cover_the_whole_text_and_the_truncation_comes_back() {
+        let vocab = ["[UNK]", "a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), i as u32))
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        let window = TruncationParams {
+            max_length: 3,
+            ..Default::default()
+        };
+        tokenizer.with_truncation(Some(window.clone())).unwrap();
+        let text = "a b c a b c a";
+        assert_eq!(tokenizer.encode(text, false).unwrap().get_ids().len(), 3);
+        let whole = untruncated(&mut tokenizer, |t| t.encode(text, false)).unwrap();
+        assert_eq!(whole.get_ids().len(), 7);
+        assert_eq!(whole.get_offsets()[6], (12, 13));
+        let restored = tokenizer.get_truncation().expect("truncation restored");
+        assert_eq!(restored.max_length, window.max_length);
+        assert_eq!(tokenizer.encode(text, false).unwrap().get_ids().len(), 3);
     }
 }
