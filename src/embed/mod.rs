@@ -94,9 +94,9 @@ pub struct TextEmbedding {
 
 /// Loading leaves tens of megabytes freed but still resident: fastembed parses the
 /// tokenizer and then keeps a clone of it, ONNX Runtime copies the model bytes, and
-/// embedding the exemplars leaves its batches behind. Called after each.
-/// Those are many small blocks in the middle of the heap, which glibc keeps; `malloc_trim`
-/// hands their pages back to the kernel.
+/// embedding the exemplars leaves its batches behind. Those are many small blocks in the
+/// middle of the heap, which glibc keeps; `malloc_trim` hands their pages back to the
+/// kernel. Called once, when the engine has loaded.
 pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.

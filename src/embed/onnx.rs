@@ -100,7 +100,6 @@ impl OnnxBackend {
             info,
             model: RefCell::new(model),
         };
-        super::release_freed_memory();
         // Warm-up call, which also checks the descriptor's `dim` against the model: a wrong
         // one would corrupt every score later.
         backend.embed(&["Charter warm-up"])?;

@@ -83,15 +83,20 @@ impl Decision {
     }
 }
 
+/// The byte index of every character of `text`, and its length last: character `i` is
+/// `text[bounds[i]..bounds[i + 1]]`.
+fn char_bounds(text: &str) -> Vec<usize> {
+    text.char_indices()
+        .map(|(i, _)| i)
+        .chain(std::iter::once(text.len()))
+        .collect()
+}
+
 /// Cuts `text` into chunks of at most `max_chars` characters overlapping by
 /// [`CHUNK_OVERLAP_CHARS`] (fewer when `max_chars` is small).
 pub fn chunks(text: &str, max_chars: usize) -> Vec<&str> {
     let max_chars = max_chars.max(1);
-    let bounds: Vec<usize> = text
-        .char_indices()
-        .map(|(i, _)| i)
-        .chain(std::iter::once(text.len()))
-        .collect();
+    let bounds = char_bounds(text);
     let n = bounds.len() - 1;
     if n <= max_chars {
         return vec![text];
@@ -158,11 +163,7 @@ pub fn merge_two(mut a: TextResult, b: TextResult) -> TextResult {
 /// text, and a text gets the same windows whether it was streamed or not.
 pub fn windows(text: &str, window_chars: usize, context_chars: usize) -> Vec<&str> {
     let window_chars = window_chars.max(1);
-    let bounds: Vec<usize> = text
-        .char_indices()
-        .map(|(i, _)| i)
-        .chain(std::iter::once(text.len()))
-        .collect();
+    let bounds = char_bounds(text);
     let n = bounds.len() - 1;
     let mut out = Vec::with_capacity(n / window_chars + 1);
     let mut start = 0;
