@@ -34,7 +34,7 @@ pub struct Embedded {
     pub texts: Vec<TextEmbedding>,
     /// Time the job waited before a worker took it.
     pub queue_time: Duration,
-    /// Time the worker spent on the batch this job was part of.
+    /// Time from the worker taking the job's batch to the job's last piece embedded.
     pub model_time: Duration,
 }
 
@@ -144,6 +144,8 @@ struct Slot {
     text: usize,
     piece: usize,
     tokens: usize,
+    start: usize,
+    end: usize,
 }
 
 struct Worker<B> {
@@ -205,6 +207,23 @@ impl<B: Backend> Worker<B> {
         }
         slots.sort_by_key(|s| s.tokens);
 
+        // Each job is answered as soon as its last piece is embedded: buckets run
+        // shortest first, so a short text does not wait for the long ones gathered with
+        // it (at 32 clients that wait was most of the tail latency).
+        let mut remaining = vec![0usize; jobs.len()];
+        for slot in &slots {
+            remaining[slot.job] += 1;
+        }
+        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Result<Vec<TextEmbedding>, EmbedError>>> =
+            results.into_iter().map(Some).collect();
+        // Jobs without pieces (failed planning, or no texts) are answered now.
+        for j in 0..jobs.len() {
+            if remaining[j] == 0 {
+                answer(&mut jobs[j], &mut results[j], started);
+            }
+        }
+
         let mut start = 0;
         while start < slots.len() {
             let end = self.bucket_end(&slots, start);
@@ -212,12 +231,8 @@ impl<B: Backend> Worker<B> {
             let inputs: Vec<&str> = bucket
                 .iter()
                 .map(|s| {
-                    let text = &jobs[s.job].texts[s.text];
-                    let piece = match &results[s.job] {
-                        Ok(r) => &r[s.text].pieces[s.piece],
-                        Err(_) => unreachable!("failed jobs have no slots"),
-                    };
-                    &text[piece.start..piece.end]
+                    let job = jobs[s.job].as_ref().expect("a job with pieces left");
+                    &job.texts[s.text][s.start..s.end]
                 })
                 .collect();
             let outcome =
@@ -226,7 +241,7 @@ impl<B: Backend> Worker<B> {
             match outcome {
                 Ok(vectors) => {
                     for (slot, vector) in bucket.iter().zip(vectors) {
-                        if let Ok(r) = &mut results[slot.job] {
+                        if let Some(Ok(r)) = &mut results[slot.job] {
                             r[slot.text].pieces[slot.piece].vector = vector;
                         }
                     }
@@ -234,25 +249,17 @@ impl<B: Backend> Worker<B> {
                 Err(err) => {
                     tracing::error!(error = %err, pieces = bucket.len(), "model call failed");
                     for slot in bucket {
-                        results[slot.job] = Err(err.clone());
+                        results[slot.job] = Some(Err(err.clone()));
                     }
                 }
             }
+            for slot in bucket {
+                remaining[slot.job] -= 1;
+                if remaining[slot.job] == 0 {
+                    answer(&mut jobs[slot.job], &mut results[slot.job], started);
+                }
+            }
             start = end;
-        }
-
-        let model_time = started.elapsed();
-        for (job, result) in jobs.into_iter().zip(results) {
-            let queue_time = started.saturating_duration_since(job.enqueued);
-            let Job { reply, _permit, .. } = job;
-            // Free the queue room before answering, so a caller that sends its next
-            // request as soon as it has this answer finds the room.
-            drop(_permit);
-            let _ = reply.send(result.map(|texts| Embedded {
-                texts,
-                queue_time,
-                model_time,
-            }));
         }
     }
 
@@ -283,6 +290,8 @@ impl<B: Backend> Worker<B> {
                         text: t,
                         piece: p,
                         tokens: w.tokens,
+                        start: w.start,
+                        end: w.end,
                     });
                     Piece {
                         start: w.start,
@@ -320,6 +329,26 @@ impl<B: Backend> Worker<B> {
     }
 }
 
+/// Answers a finished job (once): its queue room is freed first, so a caller that sends
+/// its next request as soon as it has this answer finds the room.
+fn answer(
+    job: &mut Option<Job>,
+    result: &mut Option<Result<Vec<TextEmbedding>, EmbedError>>,
+    started: Instant,
+) {
+    let (Some(job), Some(result)) = (job.take(), result.take()) else {
+        return;
+    };
+    let queue_time = started.saturating_duration_since(job.enqueued);
+    let Job { reply, _permit, .. } = job;
+    drop(_permit);
+    let _ = reply.send(result.map(|texts| Embedded {
+        texts,
+        queue_time,
+        model_time: started.elapsed(),
+    }));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +373,7 @@ mod tests {
             max_tokens,
             prefix: String::new(),
             dim: 4,
+            neighbour_dims: None,
             licence: String::new(),
         }
     }
@@ -426,6 +456,38 @@ mod tests {
             assert_eq!(emb.pieces.len(), 1);
             assert_eq!(emb.pieces[0].vector, fake_vector(text));
         }
+    }
+
+    #[tokio::test]
+    async fn a_short_text_is_answered_before_the_long_ones_gathered_with_it() {
+        let (embedder, _) = start(Duration::from_millis(40), config());
+        // Keep the worker busy so that the next two jobs are gathered into one batch.
+        let busy = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(texts(&["busy"]), None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let timed = |list: Vec<&'static str>| {
+            let e = embedder.clone();
+            tokio::spawn(async move {
+                let out = e.embed(texts(&list), None).await.unwrap();
+                (Instant::now(), out.model_time)
+            })
+        };
+        let long = timed(vec!["c d e f g h i j"; 6]);
+        let short = timed(vec!["a"]);
+        busy.await.unwrap().unwrap();
+        let (long_done, long_model) = long.await.unwrap();
+        let (short_done, short_model) = short.await.unwrap();
+        // "a" runs in the first bucket; the six long texts need two more calls.
+        assert!(
+            short_done < long_done,
+            "the short text waited for the long ones"
+        );
+        assert!(
+            short_model + Duration::from_millis(60) <= long_model,
+            "short {short_model:?}, long {long_model:?}"
+        );
     }
 
     #[tokio::test]
