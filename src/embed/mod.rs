@@ -35,6 +35,12 @@ pub struct ModelInfo {
     #[serde(default)]
     pub prefix: String,
     pub dim: usize,
+    /// How many leading dimensions exemplar similarity (kNN features, evidence) uses;
+    /// absent: all. The USE views model scores its 512-d sentence view against the
+    /// exemplars and gives the learned heads all 3,072 (the same quality on dev as kNN
+    /// over all of them, at a sixth of the cost per text).
+    #[serde(default)]
+    pub neighbour_dims: Option<usize>,
     #[serde(default)]
     pub licence: String,
 }

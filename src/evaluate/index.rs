@@ -41,13 +41,19 @@ pub struct PieceScore {
 pub struct Index {
     constitution: Arc<Constitution>,
     model: String,
-    dim: usize,
-    /// Row-major, one unit vector per distinct exemplar text.
-    vectors: Vec<f32>,
-    /// The mean exemplar vector, and the rows of `vectors` minus it, re-normalised (the
-    /// heads' kNN features: centring spreads out cosines that sit in a narrow band).
+    /// How many leading dimensions of the model's vectors exemplar similarity uses
+    /// (`ModelInfo::neighbour_dims`); the rows below hold only those, re-normalised.
+    sim_dim: usize,
+    /// The mean exemplar vector, and every exemplar's unit vector minus it, re-normalised
+    /// (row-major; the heads' kNN features: centring spreads out cosines that sit in a
+    /// narrow band).
     centre: Vec<f32>,
     centred: Vec<f32>,
+    /// Per row, |x - centre| and centre . u (u the centred row): with them a plain cosine
+    /// comes from the centred one in O(1), so one matrix and one pass serve both (the
+    /// 3,072-d views make the exemplar matrix 19 MB; a second copy would double that).
+    deviation: Vec<f32>,
+    centre_dot: Vec<f32>,
     /// Every compliant row (shared and rules' own): the heads' one compliant pool.
     pool: Vec<u32>,
     texts: Vec<String>,
@@ -200,24 +206,36 @@ impl Index {
         let mut pool: Vec<u32> = rules.iter().flat_map(|r| r.compliant.clone()).collect();
         pool.sort_unstable();
         pool.dedup();
+        let sim_dim = model.neighbour_dims.unwrap_or(dim).clamp(1, dim.max(1));
+        let flat: Vec<f32> = flat
+            .chunks_exact(dim)
+            .flat_map(|row| neighbour_part(row, sim_dim))
+            .collect();
         let n = texts.len().max(1) as f32;
-        let mut centre = vec![0f32; dim];
-        for row in flat.chunks_exact(dim) {
+        let mut centre = vec![0f32; sim_dim];
+        for row in flat.chunks_exact(sim_dim) {
             for (c, x) in centre.iter_mut().zip(row) {
                 *c += x / n;
             }
         }
-        let centred = flat
-            .chunks_exact(dim)
-            .flat_map(|row| centred_unit(row, &centre))
-            .collect();
+        let mut centred = Vec::with_capacity(flat.len());
+        let mut deviation = Vec::with_capacity(texts.len());
+        let mut centre_dot = Vec::with_capacity(texts.len());
+        for row in flat.chunks_exact(sim_dim) {
+            let (unit, norm) = centred_unit_norm(row, &centre);
+            deviation.push(norm);
+            centre_dot.push(crate::embed::dot(&centre, &unit));
+            centred.extend_from_slice(&unit);
+        }
+        drop(flat);
         Ok(Self {
             model: model.id.clone(),
             constitution,
-            dim,
-            vectors: flat,
+            sim_dim,
             centre,
             centred,
+            deviation,
+            centre_dot,
             pool,
             texts,
             rules,
@@ -252,10 +270,27 @@ impl Index {
 
     /// Similarity of `vector` to every exemplar row.
     pub fn similarities(&self, vector: &[f32]) -> Vec<f32> {
-        self.vectors
-            .chunks_exact(self.dim)
-            .map(|row| crate::embed::dot(row, vector))
-            .collect()
+        self.similarity_pair(vector).plain
+    }
+
+    /// Plain and centred similarities of `vector` to every exemplar row, in one pass over
+    /// the centred rows: with x = c + d_r u_r and v = c + |v - c| q,
+    /// `v . x = v . c + d_r (|v - c| (q . u_r) + c . u_r)`.
+    pub fn similarity_pair(&self, vector: &[f32]) -> Similarities {
+        let vector = neighbour_part(vector, self.sim_dim);
+        let (q, norm) = centred_unit_norm(&vector, &self.centre);
+        let v_dot_c = crate::embed::dot(&vector, &self.centre);
+        let centred: Vec<f32> = self
+            .centred
+            .chunks_exact(self.sim_dim)
+            .map(|row| crate::embed::dot(row, &q))
+            .collect();
+        let plain = centred
+            .iter()
+            .zip(self.deviation.iter().zip(&self.centre_dot))
+            .map(|(&cs, (&d, &cu))| v_dot_c + d * (norm * cs + cu))
+            .collect();
+        Similarities { plain, centred }
     }
 
     /// The calibration's heads were fitted on other exemplars (or shapes), so they are not
@@ -276,9 +311,9 @@ impl Index {
 
     /// Similarity of `vector`, centred like the rows, to every centred exemplar row.
     pub fn centred_similarities(&self, vector: &[f32]) -> Vec<f32> {
-        let q = centred_unit(vector, &self.centre);
+        let (q, _) = centred_unit_norm(&neighbour_part(vector, self.sim_dim), &self.centre);
         self.centred
-            .chunks_exact(self.dim)
+            .chunks_exact(self.sim_dim)
             .map(|row| crate::embed::dot(row, &q))
             .collect()
     }
@@ -300,12 +335,19 @@ impl Index {
 
     /// The heads' logits for one piece vector, when the index has heads.
     pub fn head_logits(&self, vector: &[f32], exclude: Option<&[bool]>) -> Option<Vec<f32>> {
+        self.heads.as_ref()?;
+        self.head_logits_from(vector, &self.centred_similarities(vector), exclude)
+    }
+
+    /// [`Index::head_logits`] from the piece's centred similarities, already computed.
+    pub fn head_logits_from(
+        &self,
+        vector: &[f32],
+        csims: &[f32],
+        exclude: Option<&[bool]>,
+    ) -> Option<Vec<f32>> {
         let heads = self.heads.as_ref()?;
-        let knn = self.knn_features(
-            &self.centred_similarities(vector),
-            super::head::HEAD_K,
-            exclude,
-        );
+        let knn = self.knn_features(csims, super::head::HEAD_K, exclude);
         Some(
             heads
                 .heads
@@ -357,11 +399,27 @@ impl Index {
     }
 }
 
-/// `normalise(v - centre)`.
-fn centred_unit(v: &[f32], centre: &[f32]) -> Vec<f32> {
+/// Both kinds of similarity of one vector to every row ([`Index::similarity_pair`]).
+pub struct Similarities {
+    pub plain: Vec<f32>,
+    pub centred: Vec<f32>,
+}
+
+/// The leading `dims` of `v`, re-normalised (all of a unit `v` comes back as it is).
+fn neighbour_part(v: &[f32], dims: usize) -> Vec<f32> {
+    let part = &v[..dims.min(v.len())];
+    if part.len() == v.len() {
+        return part.to_vec();
+    }
+    let norm = crate::embed::dot(part, part).sqrt().max(1e-12);
+    part.iter().map(|x| x / norm).collect()
+}
+
+/// `(normalise(v - centre), |v - centre|)`.
+fn centred_unit_norm(v: &[f32], centre: &[f32]) -> (Vec<f32>, f32) {
     let d: Vec<f32> = v.iter().zip(centre).map(|(a, b)| a - b).collect();
     let norm = d.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-    d.into_iter().map(|x| x / norm).collect()
+    (d.into_iter().map(|x| x / norm).collect(), norm)
 }
 
 /// Mean of the `k` largest `sims[rows]` (rows not excluded), and the row with the largest;

@@ -101,9 +101,9 @@ pub fn evaluate_excluding(
     let mut best: Vec<Option<index::PieceScore>> = vec![None; index.rules().len()];
     let mut best_piece = vec![0usize; index.rules().len()];
     for (p, piece) in embedded.pieces.iter().enumerate() {
-        let sims = index.similarities(&piece.vector);
-        let mut scores = index.score_similarities(&sims, top_k, exclude);
-        if let Some(logits) = index.head_logits(&piece.vector, exclude) {
+        let sims = index.similarity_pair(&piece.vector);
+        let mut scores = index.score_similarities(&sims.plain, top_k, exclude);
+        if let Some(logits) = index.head_logits_from(&piece.vector, &sims.centred, exclude) {
             // A sentence piece of a long text must clear the margin: a long harmless
             // text has many pieces, each a chance to score high by luck.
             let margin = if p == 0 { 0.0 } else { index.piece_margin() };

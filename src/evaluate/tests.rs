@@ -36,6 +36,7 @@ fn model() -> ModelInfo {
         max_tokens: 16,
         prefix: String::new(),
         dim: 3,
+        neighbour_dims: None,
         licence: String::new(),
     }
 }
@@ -283,4 +284,70 @@ fn excluded_rows_are_not_scored() {
         masked[0].score
     );
     assert_eq!(all[1].score, masked[1].score, "other rules unchanged");
+}
+
+#[test]
+fn plain_similarities_from_the_centred_rows_equal_direct_cosines() {
+    let idx = index(&["hello", "bomb"]);
+    let unit = |v: [f32; 3]| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.map(|x| x / n)
+    };
+    for v in [
+        unit([1.0, 0.0, 0.0]),
+        unit([0.3, -0.5, 0.8]),
+        unit([-0.2, 0.9, 0.1]),
+    ] {
+        let pair = idx.similarity_pair(&v);
+        assert_eq!(pair.centred, idx.centred_similarities(&v));
+        for r in 0..idx.len() {
+            let direct = crate::embed::dot(&toy_vector(idx.exemplar_text(r as u32)), &v);
+            assert!(
+                (pair.plain[r] - direct).abs() < 1e-5,
+                "row {r}: {} from the centred row, {direct} directly",
+                pair.plain[r]
+            );
+        }
+    }
+}
+
+#[test]
+fn exemplar_similarity_uses_only_the_neighbour_dims() {
+    // Two leading dimensions carry the toy space; a third would reverse the ranking if it
+    // were used.
+    let constitution = Constitution {
+        id: "toy".into(),
+        description: String::new(),
+        version: "v".into(),
+        path: "toy.toml".into(),
+        shared_compliant: vec![ex("benign")],
+        rules: vec![rule("weapons", 0.1, &["bomb"], &[])],
+        calibration: None,
+    };
+    let texts = Index::exemplar_texts(&constitution);
+    let vector = |t: &str| match t {
+        "bomb" => vec![0.6, 0.0, 0.8],
+        _ => vec![0.0, 0.6, -0.8],
+    };
+    let mut info = model();
+    info.neighbour_dims = Some(2);
+    let idx = Index::new(
+        Arc::new(constitution),
+        &info,
+        texts.iter().map(|t| vector(t)).collect(),
+    )
+    .unwrap();
+    let q = [0.6, 0.0, -0.8];
+    let sims = idx.similarities(&q);
+    for (r, sim) in sims.iter().enumerate() {
+        let row = vector(idx.exemplar_text(r as u32));
+        let n = (row[0] * row[0] + row[1] * row[1]).sqrt();
+        let expected = (row[0] * 0.6 + row[1] * 0.0) / n / 0.6;
+        assert!(
+            (sim - expected).abs() < 1e-5,
+            "row {r}: {sim} against {expected} over the leading two dimensions"
+        );
+    }
+    let scores = idx.score_similarities(&sims, 1, None);
+    assert!(scores[0].score > 0.5, "bomb is nearest in the leading dims");
 }

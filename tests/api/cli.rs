@@ -220,7 +220,8 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
     assert_eq!(file["target"], "recall=0.8");
     assert!(file["exemplars"].is_string());
     let harm = &file["rules"]["harmful-content"];
-    assert_eq!(harm["head"]["weights"].as_array().unwrap().len(), 512);
+    // One weight per dimension of the default model's 3,072-d views.
+    assert_eq!(harm["head"]["weights"].as_array().unwrap().len(), 3072);
     assert_eq!(harm["head"]["knn_weights"].as_array().unwrap().len(), 9);
 
     let server = crate::common::TestServer::start(&[("CHARTER__CONSTITUTIONS__DIR", &cdir)]);
