@@ -134,7 +134,7 @@ impl Engine {
         if index.stale_heads() {
             tracing::warn!(
                 constitution = %index.constitution().id,
-                "calibration heads were fitted on other exemplars: ignored, the file's thresholds apply (run charter calibrate)"
+                "calibration heads do not match the exemplar set or the model's output width: ignored, the file's thresholds apply (run charter calibrate)"
             );
         }
         tracing::info!(
