@@ -69,6 +69,8 @@ pub struct ModelConfig {
     pub workers: usize,
     /// ONNX Runtime intra-op threads per worker.
     pub intra_threads: usize,
+    /// Whether idle intra-op threads spin briefly for the next op instead of sleeping.
+    pub intra_spinning: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

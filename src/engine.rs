@@ -240,6 +240,7 @@ async fn start_embedder(config: &Config) -> Result<Embedder, EmbedError> {
     let library = config.runtime_library();
     let workers = config.model.workers;
     let threads = config.model.intra_threads;
+    let spinning = config.model.intra_spinning;
     let queue = QueueConfig {
         max_batch_tokens: config.batching.max_batch_tokens,
         max_batch_size: config.batching.max_batch_size,
@@ -249,7 +250,7 @@ async fn start_embedder(config: &Config) -> Result<Embedder, EmbedError> {
     let started = Instant::now();
     let backends = tokio::task::spawn_blocking(move || {
         (0..workers)
-            .map(|_| OnnxBackend::load(&dir, &library, threads))
+            .map(|_| OnnxBackend::load(&dir, &library, threads, spinning))
             .collect::<Result<Vec<_>, _>>()
     })
     .await
@@ -260,6 +261,7 @@ async fn start_embedder(config: &Config) -> Result<Embedder, EmbedError> {
         dim = embedder.info().dim,
         workers,
         intra_threads = threads,
+        intra_spinning = spinning,
         duration_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );

@@ -51,7 +51,12 @@ pub struct OnnxBackend {
 
 impl OnnxBackend {
     /// Loads the model folder (`model.onnx`, tokenizer files, `charter-model.json`).
-    pub fn load(dir: &Path, library: &Path, intra_threads: usize) -> Result<Self, EmbedError> {
+    pub fn load(
+        dir: &Path,
+        library: &Path,
+        intra_threads: usize,
+        spinning: bool,
+    ) -> Result<Self, EmbedError> {
         let info = ModelInfo::read(dir)?;
         let env = environment(library)?;
         let read = |name: &str| {
@@ -89,9 +94,12 @@ impl OnnxBackend {
             .with_environment(env)
             .with_max_length(info.max_tokens)
             .with_intra_threads(intra_threads)
-            // Idle intra-op threads sleep instead of spinning: on a small machine the HTTP
-            // threads need those cycles between model calls.
-            .with_session_config("session.intra_op.allow_spinning", "0")
+            // Spinning intra-op threads pick up the next op at once; sleeping ones must be
+            // woken for each of the graph's ~200 ops (config `model.intra_spinning`).
+            .with_session_config(
+                "session.intra_op.allow_spinning",
+                if spinning { "1" } else { "0" },
+            )
             .with_auto_device(fastembed::AutoDevicePolicy::PreferCPU);
         let model = TextEmbedding::try_new_from_user_defined(user_model, options)
             .map_err(|e| EmbedError::Load(format!("{}: {e}", dir.display())))?;

@@ -132,15 +132,19 @@ impl Index {
             });
         }
         let dim = model.dim;
-        let mut flat = Vec::with_capacity(texts.len() * dim);
-        for v in &vectors {
+        // Only the neighbour dimensions of an exemplar are kept (the heads read the full
+        // vector of the text being scored, never an exemplar's), and each vector is let go
+        // as soon as it is copied: at start-up the full 3,072-d vectors are 19 MB.
+        let sim_dim = model.neighbour_dims.unwrap_or(dim).clamp(1, dim.max(1));
+        let mut flat = Vec::with_capacity(texts.len() * sim_dim);
+        for v in vectors {
             if v.len() != dim {
                 return Err(IndexError::Dimension {
                     expected: dim,
                     got: v.len(),
                 });
             }
-            flat.extend_from_slice(v);
+            flat.extend(neighbour_part(&v, sim_dim));
         }
         let row: HashMap<&str, u32> = texts
             .iter()
@@ -206,11 +210,6 @@ impl Index {
         let mut pool: Vec<u32> = rules.iter().flat_map(|r| r.compliant.clone()).collect();
         pool.sort_unstable();
         pool.dedup();
-        let sim_dim = model.neighbour_dims.unwrap_or(dim).clamp(1, dim.max(1));
-        let flat: Vec<f32> = flat
-            .chunks_exact(dim)
-            .flat_map(|row| neighbour_part(row, sim_dim))
-            .collect();
         let n = texts.len().max(1) as f32;
         let mut centre = vec![0f32; sim_dim];
         for row in flat.chunks_exact(sim_dim) {
