@@ -155,80 +155,81 @@ fn main() -> ExitCode {
             bind,
             config,
             database_url,
-        } => {
-            let mut config = match load_config(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if let Some(bind) = bind {
-                config.server.bind = bind;
-            }
-            if let Err(code) = set_database_url(&mut config, database_url) {
-                return code;
-            }
-            init_tracing(&config);
-            runtime().block_on(serve(config))
-        }
+        } => with_config(
+            config.as_deref(),
+            |config| {
+                if let Some(bind) = bind {
+                    config.server.bind = bind;
+                }
+                set_database_url(config, database_url)
+            },
+            |config| runtime().block_on(serve(config)),
+        ),
         Command::Migrate {
             config,
             database_url,
-        } => {
-            let mut config = match load_config(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if let Err(code) = set_database_url(&mut config, database_url) {
-                return code;
-            }
-            init_tracing(&config);
-            runtime().block_on(migrate(config))
-        }
+        } => with_config(
+            config.as_deref(),
+            |config| set_database_url(config, database_url),
+            |config| runtime().block_on(migrate(config)),
+        ),
         Command::Eval {
             constitution,
             config,
             file,
-        } => {
-            let config = match load_config(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_tracing(&config);
-            runtime().block_on(eval(config, constitution, file))
-        }
+        } => with_config(
+            config.as_deref(),
+            |_| Ok(()),
+            |config| runtime().block_on(eval(config, constitution, file)),
+        ),
         Command::Bench {
             data,
             constitution,
             out,
             config,
-        } => {
-            let config = match load_config(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_tracing(&config);
-            runtime().block_on(bench(config, data, constitution, out))
-        }
+        } => with_config(
+            config.as_deref(),
+            |_| Ok(()),
+            |config| runtime().block_on(bench(config, data, constitution, out)),
+        ),
         Command::Calibrate {
             constitution,
             data,
             target,
             scorer,
             config,
-        } => {
-            let config = match load_config(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_tracing(&config);
-            runtime().block_on(calibrate(
-                config,
-                data,
-                constitution,
-                target,
-                scorer == "head",
-            ))
-        }
+        } => with_config(
+            config.as_deref(),
+            |_| Ok(()),
+            |config| {
+                runtime().block_on(calibrate(
+                    config,
+                    data,
+                    constitution,
+                    target,
+                    scorer == "head",
+                ))
+            },
+        ),
     }
+}
+
+/// The prelude of every command that runs with a configuration: load it (exit 2 on a bad
+/// one), apply the command's flags, start logging, then run.
+fn with_config(
+    file: Option<&Path>,
+    adjust: impl FnOnce(&mut Config) -> Result<(), ExitCode>,
+    run: impl FnOnce(Config) -> ExitCode,
+) -> ExitCode {
+    let mut config = match load_config(file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(code) = adjust(&mut config) {
+        return code;
+    }
+    init_tracing(&config);
+    run(config)
 }
 
 /// Reads labelled data and loads the engine; errors are printed.

@@ -133,6 +133,16 @@ impl Constitution {
         self.rules.iter().find(|r| r.id == id)
     }
 
+    /// Every exemplar, in index order: the shared compliant ones, then each rule's
+    /// violating and compliant ones (a text may appear more than once).
+    pub fn examples(&self) -> impl Iterator<Item = &Example> {
+        self.shared_compliant.iter().chain(
+            self.rules
+                .iter()
+                .flat_map(|r| r.violating.iter().chain(&r.compliant)),
+        )
+    }
+
     /// The threshold in force for a rule: the calibrated one for `model`, else the file's.
     pub fn threshold(&self, rule: &Rule, model: &str) -> f32 {
         self.calibration

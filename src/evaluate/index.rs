@@ -78,13 +78,7 @@ impl Index {
     pub fn exemplar_texts(constitution: &Constitution) -> Vec<String> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
-        let all = constitution.shared_compliant.iter().chain(
-            constitution
-                .rules
-                .iter()
-                .flat_map(|r| r.violating.iter().chain(&r.compliant)),
-        );
-        for example in all {
+        for example in constitution.examples() {
             if !seen.contains_key(example.text.as_str()) {
                 seen.insert(example.text.as_str(), out.len());
                 out.push(example.text.clone());
@@ -332,14 +326,9 @@ impl Index {
             .collect()
     }
 
-    /// The heads' logits for one piece vector, when the index has heads.
-    pub fn head_logits(&self, vector: &[f32], exclude: Option<&[bool]>) -> Option<Vec<f32>> {
-        self.heads.as_ref()?;
-        self.head_logits_from(vector, &self.centred_similarities(vector), exclude)
-    }
-
-    /// [`Index::head_logits`] from the piece's centred similarities, already computed.
-    pub fn head_logits_from(
+    /// The heads' logits for one piece, when the index has heads: from its whole vector
+    /// and its centred similarities ([`Index::similarity_pair`]).
+    pub fn head_logits(
         &self,
         vector: &[f32],
         csims: &[f32],
@@ -357,11 +346,6 @@ impl Index {
                 })
                 .collect(),
         )
-    }
-
-    /// Every rule's score for one piece vector.
-    pub fn score_piece(&self, vector: &[f32], top_k: usize) -> Vec<PieceScore> {
-        self.score_similarities(&self.similarities(vector), top_k, None)
     }
 
     /// Every rule's score from a piece's [`Index::similarities`], leaving out the exemplar

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::constitution::{Action, Severity};
 use crate::embed::TextEmbedding;
 
-pub use index::{Index, IndexError, NO_HEAD_LOGIT};
+pub use index::{Index, IndexError, Similarities, NO_HEAD_LOGIT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,7 +103,7 @@ pub fn evaluate_excluding(
     for (p, piece) in embedded.pieces.iter().enumerate() {
         let sims = index.similarity_pair(&piece.vector);
         let mut scores = index.score_similarities(&sims.plain, top_k, exclude);
-        if let Some(logits) = index.head_logits_from(&piece.vector, &sims.centred, exclude) {
+        if let Some(logits) = index.head_logits(&piece.vector, &sims.centred, exclude) {
             // A sentence piece of a long text must clear the margin: a long harmless
             // text has many pieces, each a chance to score high by luck.
             let margin = if p == 0 { 0.0 } else { index.piece_margin() };

@@ -36,7 +36,6 @@ pub struct HeadCv<'a> {
     index: &'a Index,
     items: &'a [Item],
     embedded: &'a Embedded,
-    csims: Vec<Vec<Vec<f32>>>,
     own_rows: Vec<Vec<usize>>,
     fold_rows: Vec<Vec<bool>>,
     pub fold: Vec<usize>,
@@ -59,16 +58,6 @@ impl<'a> HeadCv<'a> {
             .iter()
             .map(|i| rows_of_group.get(i.group()).cloned().unwrap_or_default())
             .collect();
-        let csims = embedded
-            .texts
-            .iter()
-            .map(|t| {
-                t.pieces
-                    .iter()
-                    .map(|p| index.centred_similarities(&p.vector))
-                    .collect()
-            })
-            .collect();
         let violates = items
             .iter()
             .map(|item| {
@@ -89,7 +78,6 @@ impl<'a> HeadCv<'a> {
             index,
             items,
             embedded,
-            csims,
             own_rows,
             fold_rows: fold_exclusions(items, &groups, folds),
             fold: items.iter().map(|i| fold_of(i.group(), folds)).collect(),
@@ -123,7 +111,7 @@ impl<'a> HeadCv<'a> {
             .map(|&i| {
                 let ex = self.exclusion(held, Some(i));
                 self.index
-                    .knn_features(&self.csims[i][0], HEAD_K, Some(&ex))
+                    .knn_features(&self.embedded.sims[i][0].centred, HEAD_K, Some(&ex))
             })
             .collect();
         let set = TrainingSet {
@@ -151,9 +139,11 @@ impl<'a> HeadCv<'a> {
             .iter()
             .map(|&i| {
                 let logits = |p: usize| -> Vec<f32> {
-                    let knn = self
-                        .index
-                        .knn_features(&self.csims[i][p], HEAD_K, Some(&ex));
+                    let knn = self.index.knn_features(
+                        &self.embedded.sims[i][p].centred,
+                        HEAD_K,
+                        Some(&ex),
+                    );
                     let q = &self.embedded.texts[i].pieces[p].vector;
                     heads
                         .iter()
@@ -162,7 +152,7 @@ impl<'a> HeadCv<'a> {
                 };
                 Scored {
                     whole: logits(0),
-                    pieces: (1..self.csims[i].len()).map(logits).collect(),
+                    pieces: (1..self.embedded.sims[i].len()).map(logits).collect(),
                 }
             })
             .collect()

@@ -27,7 +27,7 @@ use crate::constitution::{Calibration, Constitution, RuleCalibration, CALIBRATIO
 use crate::embed::TextEmbedding;
 use crate::engine::{Engine, EngineError};
 use crate::evaluate::metrics::{fit_threshold, Target};
-use crate::evaluate::{self, Index};
+use crate::evaluate::{self, Index, Similarities};
 
 pub use report::Report;
 
@@ -165,13 +165,7 @@ pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
         .map(|(i, t)| (t.as_str(), i))
         .collect();
     let mut groups = vec![Vec::new(); texts.len()];
-    let all = constitution.shared_compliant.iter().chain(
-        constitution
-            .rules
-            .iter()
-            .flat_map(|r| r.violating.iter().chain(&r.compliant)),
-    );
-    for example in all {
+    for example in constitution.examples() {
         if let Some(id) = example
             .source
             .as_deref()
@@ -187,7 +181,9 @@ pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
 /// each fold then leaves rows out).
 pub struct Embedded {
     pub texts: Vec<TextEmbedding>,
-    pub sims: Vec<Vec<Vec<f32>>>,
+    /// Per item and piece: plain and centred similarities to every exemplar row, computed
+    /// once here for the kNN scores, the heads' features and every refit.
+    pub sims: Vec<Vec<Similarities>>,
     /// Embedding, and scoring through the serving path, in seconds.
     pub embed_secs: f64,
     pub score_secs: f64,
@@ -226,7 +222,7 @@ pub async fn embed_items(
         .map(|t| {
             t.pieces
                 .iter()
-                .map(|p| index.similarities(&p.vector))
+                .map(|p| index.similarity_pair(&p.vector))
                 .collect()
         })
         .collect();
@@ -275,13 +271,14 @@ pub fn cv_rule_scores(
             let mut best = vec![f32::NEG_INFINITY; index.rules().len()];
             for (p, sims) in embedded.sims[i].iter().enumerate() {
                 let vector = &embedded.texts[i].pieces[p].vector;
-                let scores: Vec<f32> = match index.head_logits(vector, Some(exclude)) {
+                let scores: Vec<f32> = match index.head_logits(vector, &sims.centred, Some(exclude))
+                {
                     Some(logits) => {
                         let margin = if p == 0 { 0.0 } else { index.piece_margin() };
                         logits.into_iter().map(|l| l - margin).collect()
                     }
                     None => index
-                        .score_similarities(sims, top_k, Some(exclude))
+                        .score_similarities(&sims.plain, top_k, Some(exclude))
                         .into_iter()
                         .map(|s| s.score)
                         .collect(),

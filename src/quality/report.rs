@@ -96,6 +96,18 @@ fn slice_auc<'a>(
     risks: &[f32],
     key: impl Fn(&'a Item) -> &'a str,
 ) -> BTreeMap<String, Option<f64>> {
+    by_slice(items, risks, key)
+        .into_iter()
+        .map(|(k, (s, p))| (k.to_string(), roc_auc(&s, &p)))
+        .collect()
+}
+
+/// Risks and labels grouped by `key`, in key order.
+fn by_slice<'a>(
+    items: &'a [Item],
+    risks: &[f32],
+    key: impl Fn(&'a Item) -> &'a str,
+) -> BTreeMap<&'a str, (Vec<f32>, Vec<bool>)> {
     let mut groups: BTreeMap<&str, (Vec<f32>, Vec<bool>)> = BTreeMap::new();
     for (item, &r) in items.iter().zip(risks) {
         let g = groups.entry(key(item)).or_default();
@@ -103,9 +115,6 @@ fn slice_auc<'a>(
         g.1.push(item.violation());
     }
     groups
-        .into_iter()
-        .map(|(k, (s, p))| (k.to_string(), roc_auc(&s, &p)))
-        .collect()
 }
 
 fn slice_rates<'a>(
@@ -113,13 +122,7 @@ fn slice_rates<'a>(
     risks: &[f32],
     key: impl Fn(&'a Item) -> &'a str,
 ) -> BTreeMap<String, Rates> {
-    let mut groups: BTreeMap<&str, (Vec<f32>, Vec<bool>)> = BTreeMap::new();
-    for (item, &r) in items.iter().zip(risks) {
-        let g = groups.entry(key(item)).or_default();
-        g.0.push(r);
-        g.1.push(item.violation());
-    }
-    groups
+    by_slice(items, risks, key)
         .into_iter()
         .map(|(k, (s, p))| (k.to_string(), Confusion::at(&s, &p, 0.0).into()))
         .collect()
