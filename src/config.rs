@@ -71,6 +71,10 @@ pub struct ModelConfig {
     pub intra_threads: usize,
     /// Whether idle intra-op threads spin briefly for the next op instead of sleeping.
     pub intra_spinning: bool,
+    /// A second model folder under `<assets_dir>/models/`: every text is embedded by both
+    /// and each rule's score is the mean of the two models' calibrated margins.
+    #[serde(default)]
+    pub ensemble: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,6 +315,17 @@ impl Config {
         if self.model.intra_threads == 0 {
             return invalid("model.intra_threads", "must be at least 1");
         }
+        if let Some(partner) = &self.model.ensemble {
+            if partner.is_empty() || partner.contains(['/', '\\']) || partner.starts_with('.') {
+                return invalid(
+                    "model.ensemble",
+                    "must name a model folder under assets_dir/models",
+                );
+            }
+            if *partner == self.model.name {
+                return invalid("model.ensemble", "must name another model than model.name");
+            }
+        }
         if self.batching.max_batch_size == 0 || self.batching.max_batch_tokens == 0 {
             return invalid("batching.max_batch_size", "batch limits must be at least 1");
         }
@@ -377,6 +392,12 @@ impl Config {
             Some(dir) => dir.clone(),
             None => self.model.assets_dir.join("models").join(&self.model.name),
         }
+    }
+
+    /// The folder of the ensemble's second model, when one is configured.
+    pub fn ensemble_dir(&self) -> Option<PathBuf> {
+        let name = self.model.ensemble.as_ref()?;
+        Some(self.model.assets_dir.join("models").join(name))
     }
 
     /// The ONNX Runtime library this configuration selects: the configured path, or the

@@ -62,6 +62,8 @@ fn ms(d: Duration) -> f64 {
 
 pub struct Evaluation {
     pub index: Arc<Index>,
+    /// The model that scored (`first+second` for an ensemble).
+    pub model: Arc<str>,
     pub results: Vec<TextResult>,
     pub timings: Timings,
 }
@@ -70,10 +72,16 @@ pub struct Evaluation {
 struct Registry {
     default: String,
     indexes: BTreeMap<String, Arc<Index>>,
+    /// With an ensemble: each constitution's index for the second model.
+    partners: BTreeMap<String, Arc<Index>>,
 }
 
 pub struct Engine {
     embedder: Embedder,
+    /// The ensemble's second model (`model.ensemble`), if configured.
+    partner: Option<Embedder>,
+    /// `first` or `first+second`.
+    model: Arc<str>,
     top_k: usize,
     windows: WindowSpec,
     registry: RwLock<Arc<Registry>>,
@@ -83,9 +91,19 @@ impl Engine {
     /// Loads the model (on blocking threads) and every constitution in the configured
     /// folder, embedding their exemplars once.
     pub async fn load(config: &Config) -> Result<Self, EngineError> {
-        let embedder = start_embedder(config).await?;
+        let embedder = start_embedder(config, config.model_dir()).await?;
+        let partner = match config.ensemble_dir() {
+            Some(dir) => Some(start_embedder(config, dir).await?),
+            None => None,
+        };
+        let model = match &partner {
+            Some(p) => format!("{}+{}", embedder.info().id, p.info().id),
+            None => embedder.info().id.clone(),
+        };
         let engine = Self {
             embedder,
+            partner,
+            model: model.into(),
             top_k: config.scoring.top_k,
             windows: WindowSpec {
                 tokens: config.scoring.window_tokens,
@@ -94,6 +112,7 @@ impl Engine {
             registry: RwLock::new(Arc::new(Registry {
                 default: config.constitutions.default.clone(),
                 indexes: BTreeMap::new(),
+                partners: BTreeMap::new(),
             })),
         };
         let dir = config.constitutions.dir.clone();
@@ -101,28 +120,45 @@ impl Engine {
             .await
             .map_err(|e| EmbedError::Load(format!("constitution loader panicked: {e}")))??;
         let mut indexes = BTreeMap::new();
+        let mut partners = BTreeMap::new();
         for c in constitutions {
-            let index = engine.index(c).await?;
-            indexes.insert(index.constitution().id.clone(), Arc::new(index));
+            let id = c.id.clone();
+            let partner_index = match &engine.partner {
+                Some(partner) => Some(engine.index(partner, c.clone()).await?),
+                None => None,
+            };
+            let index = engine.index(&engine.embedder, c).await?;
+            if let Some(partner_index) = partner_index {
+                warn_if_uncalibrated(&index, &partner_index);
+                partners.insert(id.clone(), Arc::new(partner_index));
+            }
+            indexes.insert(id, Arc::new(index));
         }
         let default = config.constitutions.default.clone();
         if !indexes.contains_key(&default) {
             return Err(EngineError::MissingDefault(default));
         }
-        *engine.registry.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(Registry { default, indexes });
+        *engine.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Registry {
+            default,
+            indexes,
+            partners,
+        });
         crate::embed::release_freed_memory();
         Ok(engine)
     }
 
-    /// Embeds a constitution's exemplars (once) and builds its index.
-    pub async fn index(&self, constitution: Constitution) -> Result<Index, EngineError> {
+    /// Embeds a constitution's exemplars (once) with one of the models and builds its index.
+    async fn index(
+        &self,
+        embedder: &Embedder,
+        constitution: Constitution,
+    ) -> Result<Index, EngineError> {
         let started = Instant::now();
         let texts = Arc::new(Index::exemplar_texts(&constitution));
         let mut vectors = Vec::with_capacity(texts.len());
         // In slices, so a big constitution does not take the whole queue at once.
         for chunk in texts.chunks(256) {
-            let embedded = self.embed_with_retry(Arc::new(chunk.to_vec())).await?;
+            let embedded = embed_with_retry(embedder, Arc::new(chunk.to_vec())).await?;
             vectors.extend(
                 embedded
                     .texts
@@ -130,16 +166,18 @@ impl Engine {
                     .map(|mut t| t.pieces.swap_remove(0).vector),
             );
         }
-        let index = Index::new(Arc::new(constitution), self.embedder.info(), vectors)?;
+        let index = Index::new(Arc::new(constitution), embedder.info(), vectors)?;
         if index.stale_heads() {
             tracing::warn!(
                 constitution = %index.constitution().id,
+                model = %index.model(),
                 "calibration heads do not match the exemplar set or the model's output width: ignored, the file's thresholds apply (run charter calibrate)"
             );
         }
         tracing::info!(
             constitution = %index.constitution().id,
             version = %index.constitution().version,
+            model = %index.model(),
             rules = index.rules().len(),
             exemplars = index.len(),
             scorer = if index.has_heads() { "head" } else { "knn" },
@@ -149,30 +187,36 @@ impl Engine {
         Ok(index)
     }
 
-    /// Start-up embedding waits for queue room instead of failing on a busy queue.
-    async fn embed_with_retry(
-        &self,
-        texts: Arc<Vec<String>>,
-    ) -> Result<crate::embed::Embedded, EmbedError> {
-        loop {
-            match self.embedder.embed(Arc::clone(&texts), None).await {
-                Err(EmbedError::Overloaded) => tokio::time::sleep(Duration::from_millis(20)).await,
-                other => return other,
-            }
-        }
-    }
-
     pub fn embedder(&self) -> &Embedder {
         &self.embedder
     }
 
+    /// The ensemble's second model, when configured.
+    pub fn partner(&self) -> Option<&Embedder> {
+        self.partner.as_ref()
+    }
+
+    /// The model that scores: `first`, or `first+second` for an ensemble.
+    pub fn model(&self) -> &Arc<str> {
+        &self.model
+    }
+
     /// Embeds texts as evaluation does (the whole text, and sentence pieces of long ones),
-    /// without scoring: `charter bench` and `calibrate` score them many ways.
+    /// without scoring: `charter bench` and `calibrate` score them many ways. `partner`
+    /// picks the ensemble's second model.
     pub async fn embed(
         &self,
         texts: Arc<Vec<String>>,
+        partner: bool,
     ) -> Result<crate::embed::Embedded, EngineError> {
-        Ok(self.embedder.embed(texts, Some(self.windows)).await?)
+        let embedder = match (partner, &self.partner) {
+            (false, _) => &self.embedder,
+            (true, Some(p)) => p,
+            (true, None) => {
+                return Err(EmbedError::Load("no ensemble model is configured".into()).into())
+            }
+        };
+        Ok(embedder.embed(texts, Some(self.windows)).await?)
     }
 
     /// Nearest exemplars averaged per side (`scoring.top_k`).
@@ -195,6 +239,14 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownConstitution(id.to_string()))
     }
 
+    /// The ensemble's index of the same constitution for the second model.
+    pub fn partner_index(&self, index: &Index) -> Option<Arc<Index>> {
+        self.registry()
+            .partners
+            .get(&index.constitution().id)
+            .cloned()
+    }
+
     pub fn constitutions(&self) -> Vec<Arc<Index>> {
         self.registry().indexes.values().cloned().collect()
     }
@@ -211,32 +263,99 @@ impl Engine {
     ) -> Result<Evaluation, EngineError> {
         let started = Instant::now();
         let index = self.constitution(constitution)?;
-        let embedded = self
-            .embedder
-            .embed(Arc::clone(&texts), Some(self.windows))
-            .await?;
+        let partner = self.partner.as_ref().zip(self.partner_index(&index));
+        let windows = Some(self.windows);
+        let (embedded, partner_embedded) =
+            tokio::try_join!(self.embedder.embed(Arc::clone(&texts), windows), async {
+                match partner {
+                    Some((embedder, _)) => {
+                        embedder.embed(Arc::clone(&texts), windows).await.map(Some)
+                    }
+                    None => Ok(None),
+                }
+            })?;
         let scoring = Instant::now();
-        let results = texts
+        let mut results: Vec<TextResult> = texts
             .iter()
             .zip(&embedded.texts)
             .map(|(text, emb)| evaluate::evaluate(&index, text, emb, self.top_k))
             .collect();
+        let (mut queue_time, mut model_time) = (embedded.queue_time, embedded.model_time);
+        if let (Some((_, partner_index)), Some(second)) = (&partner, &partner_embedded) {
+            let threshold = ensemble_threshold(&index, partner_index);
+            results = results
+                .into_iter()
+                .zip(texts.iter().zip(&second.texts))
+                .map(|(first, (text, emb))| {
+                    let other = evaluate::evaluate(partner_index, text, emb, self.top_k);
+                    evaluate::average(vec![first, other], threshold)
+                })
+                .collect();
+            // The two models run side by side: the slower one is the wait.
+            queue_time = queue_time.max(second.queue_time);
+            model_time = model_time.max(second.model_time);
+        }
         let timings = Timings {
-            queue_ms: ms(embedded.queue_time),
-            model_ms: ms(embedded.model_time),
+            queue_ms: ms(queue_time),
+            model_ms: ms(model_time),
             score_ms: ms(scoring.elapsed()),
             total_ms: ms(started.elapsed()),
         };
         Ok(Evaluation {
             index,
+            model: Arc::clone(&self.model),
             results,
             timings,
         })
     }
 }
 
-async fn start_embedder(config: &Config) -> Result<Embedder, EmbedError> {
-    let dir = config.model_dir();
+/// An ensemble of uncalibrated models mixes scales (kNN cosine differences and logits),
+/// and without its own threshold the mean margin is judged at 0: both are worth a warning.
+fn warn_if_uncalibrated(first: &Index, second: &Index) {
+    let id = &first.constitution().id;
+    if !second.has_heads() {
+        tracing::warn!(
+            constitution = %id,
+            model = %second.model(),
+            "the ensemble's second model has no calibration (heads) for this constitution: its margins are kNN cosine differences, on another scale than calibrated logits (run charter calibrate with model.name set to it)"
+        );
+    }
+    if first
+        .constitution()
+        .ensemble_threshold(first.model(), second.model())
+        .is_none()
+    {
+        tracing::warn!(
+            constitution = %id,
+            "no ensemble threshold fitted for this pair of models (or the second model was calibrated again since): the mean margin is judged at 0 (run charter calibrate with model.ensemble set)"
+        );
+    }
+}
+
+/// The threshold on an ensemble's mean margin: the pair's calibrated one, else 0.
+pub fn ensemble_threshold(first: &Index, second: &Index) -> f32 {
+    first
+        .constitution()
+        .ensemble_threshold(first.model(), second.model())
+        .unwrap_or(0.0)
+}
+
+/// Start-up embedding waits for queue room instead of failing on a busy queue.
+async fn embed_with_retry(
+    embedder: &Embedder,
+    texts: Arc<Vec<String>>,
+) -> Result<crate::embed::Embedded, EmbedError> {
+    loop {
+        match embedder.embed(Arc::clone(&texts), None).await {
+            Err(EmbedError::Overloaded) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => return other,
+        }
+    }
+}
+
+/// Loads one model (`model.workers` sessions from `dir`) and starts its queue.
+async fn start_embedder(config: &Config, dir: std::path::PathBuf) -> Result<Embedder, EmbedError> {
     let library = config.runtime_library();
     let workers = config.model.workers;
     let threads = config.model.intra_threads;

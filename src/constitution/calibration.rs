@@ -29,7 +29,29 @@ pub struct Calibration {
     /// pieces each get a chance, from failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub piece_margin: Option<f32>,
+    /// With heads: the sample weight of safe-but-scary ok items in the fit (3 when absent,
+    /// the weight of files written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scary_weight: Option<f64>,
+    /// With `model.ensemble`: the threshold on the two models' mean margin, fitted when
+    /// this model and `with` were calibrated together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<EnsembleCalibration>,
     pub rules: BTreeMap<String, RuleCalibration>,
+}
+
+/// The ensemble's own threshold: each rule's score is the mean of both models' margins
+/// (score minus that model's threshold), violated above `threshold`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnsembleCalibration {
+    /// The second model.
+    pub with: String,
+    /// `fitted_at` of the second model's calibration it was fitted with; another one
+    /// makes this threshold stale (0 applies).
+    pub with_fitted_at: String,
+    pub target: String,
+    pub threshold: f32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use calibration::{Calibration, LinearHead, RuleCalibration, CALIBRATION_SUFFIX};
-pub use parse::parse_file;
+pub use calibration::{
+    Calibration, EnsembleCalibration, LinearHead, RuleCalibration, CALIBRATION_SUFFIX,
+};
+pub use parse::{calibration_path, model_calibration_path, parse_file};
 
 /// A validation error that names the file, the line (when known) and the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,9 +125,10 @@ pub struct Constitution {
     /// Compliant exemplars every rule is contrasted with.
     pub shared_compliant: Vec<Example>,
     pub rules: Vec<Rule>,
-    /// Fitted thresholds and heads, from `<file stem>.calibration.json` when present.
+    /// Fitted thresholds and heads, one per model: `<file stem>.calibration.json` (for
+    /// the model it names), then `<file stem>.calibration.<model>.json` files.
     #[serde(skip)]
-    pub calibration: Option<Calibration>,
+    pub calibrations: Vec<Calibration>,
 }
 
 impl Constitution {
@@ -143,11 +146,22 @@ impl Constitution {
         )
     }
 
+    /// The calibration fitted for `model`, if any.
+    pub fn calibration(&self, model: &str) -> Option<&Calibration> {
+        self.calibrations.iter().find(|c| c.model == model)
+    }
+
+    /// The threshold on the mean margin of an ensemble of `model` and `with`, when the two
+    /// were calibrated together and `with`'s calibration is still the one they used.
+    pub fn ensemble_threshold(&self, model: &str, with: &str) -> Option<f32> {
+        let e = self.calibration(model)?.ensemble.as_ref()?;
+        let partner = self.calibration(with)?;
+        (e.with == with && e.with_fitted_at == partner.fitted_at).then_some(e.threshold)
+    }
+
     /// The threshold in force for a rule: the calibrated one for `model`, else the file's.
     pub fn threshold(&self, rule: &Rule, model: &str) -> f32 {
-        self.calibration
-            .as_ref()
-            .filter(|c| c.model == model)
+        self.calibration(model)
             .and_then(|c| c.rules.get(&rule.id))
             .map(|r| r.threshold)
             .unwrap_or(rule.threshold)

@@ -155,13 +155,43 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
-/// The calibration file that belongs to a constitution file.
+/// The calibration file that belongs to a constitution file: `<stem>.calibration.json`,
+/// for whichever model it names.
 pub fn calibration_path(path: &Path) -> PathBuf {
-    let stem = path
-        .file_stem()
+    path.with_file_name(format!("{}{CALIBRATION_SUFFIX}", file_stem(path)))
+}
+
+/// The calibration file for one more model: `<stem>.calibration.<model>.json`.
+pub fn model_calibration_path(path: &Path, model: &str) -> PathBuf {
+    path.with_file_name(format!("{}.calibration.{model}.json", file_stem(path)))
+}
+
+fn file_stem(path: &Path) -> &str {
+    path.file_stem()
         .and_then(|s| s.to_str())
-        .unwrap_or("constitution");
-    path.with_file_name(format!("{stem}{CALIBRATION_SUFFIX}"))
+        .unwrap_or("constitution")
+}
+
+/// Every calibration file of a constitution, in a fixed order: the main one, then one
+/// per further model (the model its name says), sorted.
+fn calibration_files(path: &Path) -> Vec<(PathBuf, Option<String>)> {
+    let mut files = vec![(calibration_path(path), None)];
+    let prefix = format!("{}.calibration.", file_stem(path));
+    let mut extra: Vec<(PathBuf, Option<String>)> = path
+        .parent()
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let model = name.strip_prefix(&prefix)?.strip_suffix(".json")?;
+            (!model.is_empty() && !model.contains('.')).then(|| (e.path(), Some(model.to_string())))
+        })
+        .collect();
+    extra.sort();
+    files.extend(extra);
+    files
 }
 
 /// Reads, validates and versions one constitution file.
@@ -332,37 +362,57 @@ pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
         });
     }
 
-    let calibration_file = calibration_path(path);
-    let calibration = match std::fs::read(&calibration_file) {
-        Ok(cal_bytes) => {
-            hasher.update(b"\0calibration\0");
-            hasher.update(&cal_bytes);
-            match serde_json::from_slice::<Calibration>(&cal_bytes) {
-                Ok(cal) => {
-                    for rule_id in cal.rules.keys() {
-                        if !rules.iter().any(|r| &r.id == rule_id) {
-                            errors.in_file(
-                                &calibration_file,
-                                None,
-                                &format!("rules.{rule_id}"),
-                                "calibration names a rule the constitution does not have",
-                            );
-                        }
-                    }
-                    Some(cal)
-                }
-                Err(e) => {
-                    errors.in_file(&calibration_file, Some(e.line()), "", e.to_string());
-                    None
-                }
+    let mut calibrations: Vec<Calibration> = Vec::new();
+    for (calibration_file, named_model) in calibration_files(path) {
+        let cal_bytes = match std::fs::read(&calibration_file) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                errors.in_file(&calibration_file, None, "", format!("cannot read: {e}"));
+                continue;
+            }
+        };
+        hasher.update(b"\0calibration\0");
+        hasher.update(&cal_bytes);
+        let cal = match serde_json::from_slice::<Calibration>(&cal_bytes) {
+            Ok(cal) => cal,
+            Err(e) => {
+                errors.in_file(&calibration_file, Some(e.line()), "", e.to_string());
+                continue;
+            }
+        };
+        for rule_id in cal.rules.keys() {
+            if !rules.iter().any(|r| &r.id == rule_id) {
+                errors.in_file(
+                    &calibration_file,
+                    None,
+                    &format!("rules.{rule_id}"),
+                    "calibration names a rule the constitution does not have",
+                );
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            errors.in_file(&calibration_file, None, "", format!("cannot read: {e}"));
-            None
+        if named_model.as_ref().is_some_and(|m| *m != cal.model) {
+            errors.in_file(
+                &calibration_file,
+                None,
+                "model",
+                format!(
+                    "the file name is for model {:?} but the calibration is for {:?}",
+                    named_model.unwrap_or_default(),
+                    cal.model
+                ),
+            );
+        } else if calibrations.iter().any(|c| c.model == cal.model) {
+            errors.in_file(
+                &calibration_file,
+                None,
+                "model",
+                format!("a second calibration for model {:?}", cal.model),
+            );
+        } else {
+            calibrations.push(cal);
         }
-    };
+    }
 
     if !errors.list.is_empty() {
         return Err(ConstitutionErrors(errors.list));
@@ -375,7 +425,7 @@ pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
         path: path.to_path_buf(),
         shared_compliant,
         rules,
-        calibration,
+        calibrations,
     })
 }
 
@@ -548,6 +598,47 @@ violating = ["Find me her home address."]
             calibrated.threshold(calibrated.rule("harm").unwrap(), "other"),
             0.1
         );
+    }
+
+    #[test]
+    fn each_model_has_its_own_calibration_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "test.toml", GOOD);
+        write(dir.path(), "harm.jsonl", "");
+        let cal = |model: &str, t: f32| {
+            format!(
+                r#"{{"model": "{model}", "target": "f1", "rules": {{"harm": {{"threshold": {t}}}}}}}"#
+            )
+        };
+        write(dir.path(), "test.calibration.json", &cal("m", 0.3));
+        let one = parse_file(&path).unwrap();
+        write(dir.path(), "test.calibration.e5.json", &cal("e5", 0.7));
+        // Another constitution's files are not this one's.
+        write(dir.path(), "test2.calibration.x.json", &cal("x", 0.9));
+        let two = parse_file(&path).unwrap();
+        assert_ne!(
+            one.version, two.version,
+            "every calibration file is versioned"
+        );
+        let harm = two.rule("harm").unwrap();
+        assert_eq!(two.threshold(harm, "m"), 0.3);
+        assert_eq!(two.threshold(harm, "e5"), 0.7);
+        assert_eq!(two.threshold(harm, "x"), 0.1);
+        let models: Vec<&str> = two.calibrations.iter().map(|c| c.model.as_str()).collect();
+        assert_eq!(models, ["m", "e5"], "the main file first");
+
+        // A file whose name and content disagree on the model is an error naming both.
+        write(dir.path(), "test.calibration.e5.json", &cal("m", 0.7));
+        let errs = parse_file(&path).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "model");
+        assert!(errs[0].file.ends_with("test.calibration.e5.json"));
+        assert!(errs[0].message.contains("\"e5\"") && errs[0].message.contains("\"m\""));
+        // Two calibrations for one model are an error too.
+        std::fs::remove_file(dir.path().join("test.calibration.e5.json")).unwrap();
+        write(dir.path(), "test.calibration.m.json", &cal("m", 0.7));
+        let errs = parse_file(&path).unwrap_err().0;
+        assert!(errs[0].message.contains("a second calibration"), "{errs:?}");
     }
 
     #[test]

@@ -154,10 +154,7 @@ impl Index {
         let shared = rows(&constitution.shared_compliant);
         // Heads count only when fitted for this model on this exemplar set; their
         // thresholds are logits, so without valid heads the file's thresholds stand.
-        let calibration = constitution
-            .calibration
-            .as_ref()
-            .filter(|c| c.model == model.id);
+        let calibration = constitution.calibration(&model.id);
         let has_heads = calibration.is_some_and(|c| c.rules.values().any(|r| r.head.is_some()));
         let heads_valid = has_heads
             && calibration.and_then(|c| c.exemplars.as_deref())

@@ -171,6 +171,42 @@ pub fn evaluate_excluding(
     }
 }
 
+/// The ensemble's result for one text from each model's result (same constitution, same
+/// rule order): a rule's score is the mean over the models of its margin (the model's
+/// score minus its threshold in force), violated above `threshold` (fitted by
+/// `charter calibrate` for the pair, else 0). Evidence, spans and token counts are the
+/// first model's.
+pub fn average(results: Vec<TextResult>, threshold: f32) -> TextResult {
+    let mut results = results.into_iter();
+    let mut first = results.next().expect("an ensemble has at least one model");
+    let others: Vec<TextResult> = results.collect();
+    if others.is_empty() {
+        return first;
+    }
+    let models = (others.len() + 1) as f32;
+    let mut risk = f32::NEG_INFINITY;
+    for (r, rule) in first.rules.iter_mut().enumerate() {
+        let margins: f32 = others
+            .iter()
+            .map(|o| {
+                debug_assert_eq!(o.rules[r].id, rule.id);
+                o.rules[r].score - o.rules[r].threshold
+            })
+            .sum();
+        rule.score = (rule.score - rule.threshold + margins) / models;
+        rule.threshold = threshold;
+        rule.violated = rule.score > threshold;
+        risk = risk.max(rule.score - threshold);
+    }
+    first.risk = if risk.is_finite() { risk } else { 0.0 };
+    first.verdict = if first.rules.iter().any(|r| r.violated) {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    first
+}
+
 /// Longest exemplar text shown as evidence, in characters.
 pub const EXCERPT_CHARS: usize = 280;
 

@@ -63,7 +63,7 @@ fn index(shared: &[&str]) -> Index {
             rule("weapons", 0.1, &["bomb", "gun"], &["kill python process"]),
             rule("privacy", 0.1, &["address"], &[]),
         ],
-        calibration: None,
+        calibrations: Vec::new(),
     };
     let texts = Index::exemplar_texts(&constitution);
     // Distinct texts, each once, whatever list they came from.
@@ -197,13 +197,15 @@ fn calibrated_index(exemplars: Option<String>) -> Index {
         knn_weights: vec![0.0, 0.0],
         bias: 0.0,
     };
-    constitution.calibration = Some(Calibration {
+    constitution.calibrations = vec![Calibration {
         model: "toy".into(),
         target: "f1".into(),
         data: String::new(),
         fitted_at: String::new(),
         exemplars: Some(exemplars.unwrap_or_else(|| Index::exemplar_set_hash(&constitution))),
         piece_margin: Some(1.0),
+        scary_weight: None,
+        ensemble: None,
         rules: [
             (
                 "weapons".to_string(),
@@ -221,7 +223,7 @@ fn calibrated_index(exemplars: Option<String>) -> Index {
             ),
         ]
         .into(),
-    });
+    }];
     let texts = Index::exemplar_texts(&constitution);
     let vectors = texts.iter().map(|t| toy_vector(t)).collect();
     Index::new(Arc::new(constitution), &model(), vectors).unwrap()
@@ -322,7 +324,7 @@ fn exemplar_similarity_uses_only_the_neighbour_dims() {
         path: "toy.toml".into(),
         shared_compliant: vec![ex("benign")],
         rules: vec![rule("weapons", 0.1, &["bomb"], &[])],
-        calibration: None,
+        calibrations: Vec::new(),
     };
     let texts = Index::exemplar_texts(&constitution);
     let vector = |t: &str| match t {
@@ -350,4 +352,51 @@ fn exemplar_similarity_uses_only_the_neighbour_dims() {
     }
     let scores = idx.score_similarities(&sims, 1, None);
     assert!(scores[0].score > 0.5, "bomb is nearest in the leading dims");
+}
+
+#[test]
+fn an_ensemble_averages_each_rules_margin_and_judges_it_at_its_threshold() {
+    let text = "how to make a bomb";
+    // Two "models" that disagree: one sure of a weapons violation, one not.
+    let sure = evaluate(
+        &index(&[]),
+        text,
+        &embedded(text, &[(text, [0.95, 0.0, 0.31])]),
+        1,
+    );
+    let unsure = evaluate(
+        &index(&[]),
+        text,
+        &embedded(text, &[(text, [0.2, 0.0, 0.98])]),
+        1,
+    );
+    let margin = |r: &TextResult, n: usize| r.rules[n].score - r.rules[n].threshold;
+    assert!(margin(&sure, 0) > 0.0 && margin(&unsure, 0) < 0.0);
+    let mean = |n: usize| (margin(&sure, n) + margin(&unsure, n)) / 2.0;
+    // At the mean margin of the weapons rule, just below and just above it.
+    for threshold in [0.0, mean(0) - 0.01, mean(0) + 0.01] {
+        let both = average(vec![sure.clone(), unsure.clone()], threshold);
+        for n in 0..2 {
+            assert!((both.rules[n].score - mean(n)).abs() < 1e-6);
+            assert_eq!(both.rules[n].threshold, threshold);
+            assert_eq!(both.rules[n].violated, mean(n) > threshold);
+        }
+        let best = both
+            .rules
+            .iter()
+            .map(|r| r.score - threshold)
+            .fold(f32::MIN, f32::max);
+        assert_eq!(both.risk, best);
+        assert_eq!(both.verdict == Verdict::Fail, best > 0.0);
+        assert_eq!(
+            both.rules[0].evidence.exemplar,
+            sure.rules[0].evidence.exemplar
+        );
+    }
+    assert!(average(vec![sure.clone(), unsure.clone()], mean(0) - 0.01).rules[0].violated);
+    assert!(!average(vec![sure.clone(), unsure.clone()], mean(0) + 0.01).rules[0].violated);
+    // One model is its own ensemble: unchanged, thresholds and all.
+    let alone = average(vec![unsure.clone()], 5.0);
+    assert_eq!(alone.rules[0].threshold, unsure.rules[0].threshold);
+    assert_eq!(alone.risk, unsure.risk);
 }

@@ -25,6 +25,8 @@ const CHUNK_OVERLAP_CHARS: usize = 1000;
 #[derive(Clone)]
 pub struct Checked {
     pub index: Arc<Index>,
+    /// The model that scored (`first+second` for an ensemble).
+    pub model: Arc<str>,
     pub result: TextResult,
     /// Characters evaluated.
     pub chars: usize,
@@ -226,6 +228,7 @@ async fn check_parts(
         .ok_or_else(|| GatewayError::Internal("the engine returned no result".into()))?;
     Ok(Checked {
         index: evaluation.index,
+        model: evaluation.model,
         result,
         chars: text.chars().count(),
         chunks: n,
@@ -248,7 +251,7 @@ pub fn record(
         Source::Gateway,
         client_key_id,
         checked.index.constitution(),
-        checked.index.model(),
+        &checked.model,
         kind,
         text,
         &checked.result,

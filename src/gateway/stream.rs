@@ -134,7 +134,7 @@ struct Guard {
     checked_text: String,
     windows: usize,
     merged: Option<TextResult>,
-    index: Option<Arc<Index>>,
+    index: Option<(Arc<Index>, Arc<str>)>,
     eval_ms: f64,
     /// Latest output token count upstream reported.
     output_tokens: u64,
@@ -377,7 +377,7 @@ impl Guard {
             self.checked_text.push_str(&text[new_from..]);
             note_violations(&mut self.meta, &checked);
             let decision = review::decide(&checked.result);
-            self.index = Some(Arc::clone(&checked.index));
+            self.index = Some((Arc::clone(&checked.index), Arc::clone(&checked.model)));
             self.merged = Some(match self.merged.take() {
                 Some(m) => review::merge_two(m, checked.result),
                 None => checked.result,
@@ -500,12 +500,13 @@ impl Guard {
         }
         self.recorded = true;
         self.meta.released_chars = Some(self.released_chars);
-        let (Some(index), Some(result)) = (&self.index, &self.merged) else {
+        let (Some((index, model)), Some(result)) = (&self.index, &self.merged) else {
             return;
         };
         self.meta.checked.push("output");
         let checked = review::Checked {
             index: Arc::clone(index),
+            model: Arc::clone(model),
             result: result.clone(),
             chars: self.checked_chars,
             chunks: self.windows,

@@ -53,10 +53,7 @@ fn summary(index: &Index, default: &str) -> Summary {
         default: c.id == default,
         rules: c.rules.len(),
         exemplars: index.len(),
-        calibrated: c
-            .calibration
-            .as_ref()
-            .is_some_and(|cal| cal.model == index.model()),
+        calibrated: c.calibration(index.model()).is_some(),
     }
 }
 

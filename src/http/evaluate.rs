@@ -157,6 +157,7 @@ pub fn response(
 ) -> EvaluateResponse {
     let Evaluation {
         index,
+        model: evaluation_model,
         mut results,
         timings,
     } = evaluation;
@@ -184,7 +185,7 @@ pub fn response(
             id: index.constitution().id.clone(),
             version: index.constitution().version.clone(),
         },
-        model: index.model().to_string(),
+        model: evaluation_model.to_string(),
         kind,
         single,
         results,
@@ -226,7 +227,7 @@ pub async fn evaluate(
             Source::Api,
             key_id.clone(),
             evaluation.index.constitution(),
-            evaluation.index.model(),
+            &evaluation.model,
             req.kind,
             text,
             result,

@@ -17,9 +17,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             StatusCode::OK,
             Json(json!({
                 "status": "ready",
-                "model": engine.embedder().info().id,
+                "model": engine.model().as_ref(),
                 "constitutions": engine.constitutions().len(),
-                "queued": engine.embedder().queued(),
+                "queued": engine.embedder().queued()
+                    + engine.partner().map_or(0, |p| p.queued()),
                 "audit": audit(&state),
             })),
         ),

@@ -20,15 +20,18 @@ pub struct Scored {
 }
 
 impl Scored {
-    /// Risk at threshold `t` with pieces counting only above `margin`.
-    pub fn risk(&self, t: f32, margin: f32) -> f32 {
-        let mut best = self.whole.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    /// Per rule: the best logit minus threshold `t`, pieces counting only above `margin`.
+    pub fn margins(&self, t: f32, margin: f32) -> Vec<f32> {
+        let mut best = self.whole.clone();
         for p in &self.pieces {
-            for &l in p {
-                best = best.max(l - margin);
+            for (b, &l) in best.iter_mut().zip(p) {
+                *b = b.max(l - margin);
             }
         }
-        best - t
+        for b in &mut best {
+            *b -= t;
+        }
+        best
     }
 }
 
@@ -43,10 +46,17 @@ pub struct HeadCv<'a> {
     /// Per item: the rules it violates (empty when ok), `None` for a violation of a
     /// category no rule has.
     violates: Vec<Option<Vec<usize>>>,
+    scary_weight: f64,
 }
 
 impl<'a> HeadCv<'a> {
-    pub fn new(index: &'a Index, items: &'a [Item], embedded: &'a Embedded, folds: usize) -> Self {
+    pub fn new(
+        index: &'a Index,
+        items: &'a [Item],
+        embedded: &'a Embedded,
+        folds: usize,
+        scary_weight: f64,
+    ) -> Self {
         let groups = row_groups(index.constitution());
         let mut rows_of_group: HashMap<&str, Vec<usize>> = HashMap::new();
         for (row, gs) in groups.iter().enumerate() {
@@ -83,6 +93,7 @@ impl<'a> HeadCv<'a> {
             fold: items.iter().map(|i| fold_of(i.group(), folds)).collect(),
             folds,
             violates,
+            scary_weight,
         }
     }
 
@@ -122,6 +133,7 @@ impl<'a> HeadCv<'a> {
             knn,
             violates: train.iter().map(|&i| self.violates[i].clone()).collect(),
             scary: train.iter().map(|&i| self.items[i].scary()).collect(),
+            scary_weight: self.scary_weight,
         };
         head::fit(&set, self.index.rules().len())
     }
@@ -205,21 +217,34 @@ impl<'a> HeadCv<'a> {
         Some((t, margin))
     }
 
-    /// Grouped CV risks: per outer fold, heads fitted on the other folds, threshold and
-    /// margin from their inner out-of-fold scores.
-    pub fn cv_risks(&self, target: Target) -> Option<Vec<f32>> {
-        let mut risks = vec![0.0; self.items.len()];
-        for f in 0..self.folds {
-            let inner = self.oof(&[f]);
-            let (t, margin) = self.threshold_and_margin(&inner, target)?;
-            let heads = self.fit(&[f]);
-            let idx: Vec<usize> = (0..self.items.len())
-                .filter(|&i| self.fold[i] == f)
-                .collect();
-            for (&i, s) in idx.iter().zip(self.score(&heads, &idx, &[f])) {
-                risks[i] = s.risk(t, margin);
-            }
-        }
-        Some(risks)
+    /// Outer fold `f` of the grouped CV: heads fitted on the other folds, threshold and
+    /// sentence margin from their inner out-of-fold scores. Returns the margins (per rule)
+    /// of the other folds' items (inner out-of-fold, what the threshold was fitted on) and
+    /// of fold `f`'s items, each as (item, margins).
+    pub fn fold_margins(&self, f: usize, target: Target) -> Option<FoldMargins> {
+        let inner = self.oof(&[f]);
+        let (t, margin) = self.threshold_and_margin(&inner, target)?;
+        let heads = self.fit(&[f]);
+        let idx: Vec<usize> = (0..self.items.len())
+            .filter(|&i| self.fold[i] == f)
+            .collect();
+        let outer = idx
+            .iter()
+            .copied()
+            .zip(self.score(&heads, &idx, &[f]))
+            .map(|(i, s)| (i, s.margins(t, margin)))
+            .collect();
+        let inner = inner
+            .into_iter()
+            .map(|(i, s)| (i, s.margins(t, margin)))
+            .collect();
+        Some(FoldMargins { inner, outer })
     }
+}
+
+/// One outer fold's margins per rule: `inner` for the items the fold's fits learned from
+/// (each out of its own inner fold), `outer` for the fold's own items.
+pub struct FoldMargins {
+    pub inner: Vec<(usize, Vec<f32>)>,
+    pub outer: Vec<(usize, Vec<f32>)>,
 }

@@ -23,7 +23,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::constitution::{Calibration, Constitution, RuleCalibration, CALIBRATION_SUFFIX};
+use crate::constitution::{self, Calibration, Constitution, EnsembleCalibration, RuleCalibration};
 use crate::embed::TextEmbedding;
 use crate::engine::{Engine, EngineError};
 use crate::evaluate::metrics::{fit_threshold, Target};
@@ -189,12 +189,15 @@ pub struct Embedded {
     pub score_secs: f64,
 }
 
-/// Embeds every item (chunks of 32, a few in flight, as `charter eval` does) and times the
+/// Embeds every item (chunks of 32, one at a time: each model call then holds the same
+/// texts on every run, so int8 activation scales and the fitted file are reproducible) and times the
 /// serving path: embedding plus [`evaluate::evaluate`] against the full index.
+/// `partner` embeds with the ensemble's second model (`index` must be its index).
 pub async fn embed_items(
     engine: &Arc<Engine>,
     index: &Index,
     items: &[Item],
+    partner: bool,
 ) -> Result<Embedded, QualityError> {
     use futures_util::StreamExt;
     let started = Instant::now();
@@ -204,9 +207,9 @@ pub async fn embed_items(
         .collect();
     let mut stream = futures_util::stream::iter(chunks.into_iter().map(|texts| {
         let engine = Arc::clone(engine);
-        async move { engine.embed(texts).await }
+        async move { engine.embed(texts, partner).await }
     }))
-    .buffered(4);
+    .buffered(1);
     let mut texts = Vec::with_capacity(items.len());
     while let Some(out) = stream.next().await {
         texts.extend(out?.texts);
@@ -334,69 +337,190 @@ impl ThresholdSource {
     }
 }
 
-/// Per item: the risk (score minus threshold in force, best rule) and whether the verdict
-/// is fail, with thresholds that never came from the item's own fold.
-pub fn cv_risks(
+/// One model's cross-validated margins (score minus threshold in force, per rule).
+pub struct MemberCv {
+    /// Per item: its margins under the fits made without its fold.
+    pub test: Vec<Vec<f32>>,
+    /// Per outer fold, per item outside it (empty inside it): the margins the fold's
+    /// thresholds were fitted on (inner out-of-fold for heads). An ensemble threshold
+    /// for that fold is fitted on them.
+    pub train: Vec<Vec<Vec<f32>>>,
+    pub source: ThresholdSource,
+}
+
+impl MemberCv {
+    /// Margins that do not depend on the fold (thresholds not fitted on these items).
+    fn fixed(
+        margins: Vec<Vec<f32>>,
+        fold: &[usize],
+        folds: usize,
+        source: ThresholdSource,
+    ) -> Self {
+        let train = (0..folds)
+            .map(|f| {
+                margins
+                    .iter()
+                    .zip(fold)
+                    .map(|(m, &g)| if g == f { Vec::new() } else { m.clone() })
+                    .collect()
+            })
+            .collect();
+        Self {
+            test: margins,
+            train,
+            source,
+        }
+    }
+}
+
+/// Whether a calibration was fitted on these items, or on data that shares items with the
+/// exemplars (a slice of the set the exemplars came from): then it is refitted on the
+/// other folds, never trusted as it is.
+fn fitted_here(calibration: &Calibration, index: &Index, items: &[Item]) -> bool {
+    let exemplar_groups: HashSet<String> = row_groups(index.constitution())
+        .into_iter()
+        .flatten()
+        .collect();
+    calibration.data.contains(&items_sha(items))
+        || items.iter().any(|i| exemplar_groups.contains(i.group()))
+}
+
+/// One model's margins per item and rule, with thresholds (and heads) that never came
+/// from the item's own fold. The item's risk is the largest.
+pub fn member_cv(
     index: &Index,
     items: &[Item],
     embedded: &Embedded,
     scores: &[Vec<f32>],
     folds: usize,
-) -> Result<(Vec<f32>, ThresholdSource), QualityError> {
+) -> Result<MemberCv, QualityError> {
+    let fold: Vec<usize> = items.iter().map(|i| fold_of(i.group(), folds)).collect();
     let in_force: Vec<f32> = index.rules().iter().map(|r| r.threshold).collect();
+    let less = |s: &[f32], t: &[f32]| -> Vec<f32> { s.iter().zip(t).map(|(s, t)| s - t).collect() };
     let calibration = index
         .constitution()
-        .calibration
-        .as_ref()
+        .calibration(index.model())
         // Stale heads are not served, so their file's thresholds are what counts.
-        .filter(|c| c.model == index.model() && !index.stale_heads());
-    let Some(calibration) = calibration else {
-        return Ok((
-            scores.iter().map(|s| risk(s, &in_force)).collect(),
-            ThresholdSource::File,
-        ));
+        .filter(|_| !index.stale_heads());
+    let as_is = |source| {
+        let margins = scores.iter().map(|s| less(s, &in_force)).collect();
+        Ok(MemberCv::fixed(margins, &fold, folds, source))
     };
-    // Fitted on this data, or on data that shares items with the exemplars (a slice of
-    // the set the exemplars came from): refit on the other folds, never trust it as is.
-    let exemplar_groups: HashSet<String> = row_groups(index.constitution())
-        .into_iter()
-        .flatten()
-        .collect();
-    let fitted_here = calibration.data.contains(&items_sha(items))
-        || items.iter().any(|i| exemplar_groups.contains(i.group()));
-    if !fitted_here {
-        return Ok((
-            scores.iter().map(|s| risk(s, &in_force)).collect(),
-            ThresholdSource::Calibration,
-        ));
+    let Some(calibration) = calibration else {
+        return as_is(ThresholdSource::File);
+    };
+    if !fitted_here(calibration, index, items) {
+        return as_is(ThresholdSource::Calibration);
     }
     let target: Target = calibration
         .target
         .parse()
         .map_err(|e| QualityError::Invalid(format!("calibration target: {e}")))?;
+    let lacking = |f: usize| QualityError::Invalid(format!("fold {f} lacks one of the labels"));
+    let mut test = vec![Vec::new(); items.len()];
+    let mut train = vec![vec![Vec::new(); items.len()]; folds];
     if index.has_heads() {
-        let risks = heads::HeadCv::new(index, items, embedded, folds)
-            .cv_risks(target)
-            .ok_or_else(|| QualityError::Invalid("a fold lacks one of the labels".into()))?;
-        return Ok((risks, ThresholdSource::RefitPerFold));
-    }
-    let fold: Vec<usize> = items.iter().map(|i| fold_of(i.group(), folds)).collect();
-    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
-    let mut risks = vec![0.0; items.len()];
-    for f in 0..folds {
-        let train: Vec<usize> = (0..items.len()).filter(|&i| fold[i] != f).collect();
-        let t = fit_shared_threshold(
-            &train.iter().map(|&i| scores[i].clone()).collect::<Vec<_>>(),
-            &train.iter().map(|&i| positive[i]).collect::<Vec<_>>(),
-            target,
-        )
-        .ok_or_else(|| QualityError::Invalid(format!("fold {f} lacks one of the labels")))?;
-        let thresholds = vec![t; index.rules().len()];
-        for i in (0..items.len()).filter(|&i| fold[i] == f) {
-            risks[i] = risk(&scores[i], &thresholds);
+        let weight = calibration
+            .scary_weight
+            .unwrap_or(crate::evaluate::head::LEGACY_SCARY_WEIGHT);
+        let cv = heads::HeadCv::new(index, items, embedded, folds, weight);
+        for (f, train) in train.iter_mut().enumerate() {
+            let m = cv.fold_margins(f, target).ok_or_else(|| lacking(f))?;
+            for (i, margins) in m.inner {
+                train[i] = margins;
+            }
+            for (i, margins) in m.outer {
+                test[i] = margins;
+            }
+        }
+    } else {
+        let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+        for (f, train) in train.iter_mut().enumerate() {
+            let rows: Vec<usize> = (0..items.len()).filter(|&i| fold[i] != f).collect();
+            let t = fit_shared_threshold(
+                &rows.iter().map(|&i| scores[i].clone()).collect::<Vec<_>>(),
+                &rows.iter().map(|&i| positive[i]).collect::<Vec<_>>(),
+                target,
+            )
+            .ok_or_else(|| lacking(f))?;
+            let thresholds = vec![t; index.rules().len()];
+            for i in 0..items.len() {
+                let m = less(&scores[i], &thresholds);
+                if fold[i] == f {
+                    test[i] = m;
+                } else {
+                    train[i] = m;
+                }
+            }
         }
     }
-    Ok((risks, ThresholdSource::RefitPerFold))
+    Ok(MemberCv {
+        test,
+        train,
+        source: ThresholdSource::RefitPerFold,
+    })
+}
+
+/// Per item and rule, the mean of the models' margins.
+fn mean_margins(members: &[&[Vec<f32>]]) -> Vec<Vec<f32>> {
+    let n = members.len() as f32;
+    (0..members[0].len())
+        .map(|i| {
+            let mut sum = members[0][i].clone();
+            for m in &members[1..] {
+                for (s, x) in sum.iter_mut().zip(&m[i]) {
+                    *s += x;
+                }
+            }
+            sum.iter().map(|s| s / n).collect()
+        })
+        .collect()
+}
+
+/// How an ensemble's threshold on the mean margin is found.
+pub enum EnsembleThreshold {
+    /// Fixed: the pair's calibrated threshold (fitted elsewhere), or 0 without one.
+    Fixed(f32),
+    /// Refitted per outer fold on the fold's training margins, aimed at `target`.
+    Refit(Target),
+}
+
+/// An ensemble's cross-validated margins per item and rule: the mean of the models'
+/// margins minus the ensemble threshold of the item's fold.
+pub fn ensemble_cv(
+    cvs: &[MemberCv],
+    items: &[Item],
+    folds: usize,
+    threshold: EnsembleThreshold,
+) -> Result<Vec<Vec<f32>>, QualityError> {
+    let tests: Vec<&[Vec<f32>]> = cvs.iter().map(|c| c.test.as_slice()).collect();
+    let mut margins = mean_margins(&tests);
+    let fold: Vec<usize> = items.iter().map(|i| fold_of(i.group(), folds)).collect();
+    let taus: Vec<f32> = match threshold {
+        EnsembleThreshold::Fixed(t) => vec![t; folds],
+        EnsembleThreshold::Refit(target) => (0..folds)
+            .map(|f| {
+                let trains: Vec<&[Vec<f32>]> = cvs.iter().map(|c| c.train[f].as_slice()).collect();
+                let mean = mean_margins(&trains);
+                let rows: Vec<usize> = (0..items.len()).filter(|&i| fold[i] != f).collect();
+                fit_shared_threshold(
+                    &rows.iter().map(|&i| mean[i].clone()).collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|&i| items[i].violation())
+                        .collect::<Vec<_>>(),
+                    target,
+                )
+                .ok_or_else(|| QualityError::Invalid(format!("fold {f} lacks one of the labels")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    for (m, &f) in margins.iter_mut().zip(&fold) {
+        for x in m.iter_mut() {
+            *x -= taus[f];
+        }
+    }
+    Ok(margins)
 }
 
 /// A fingerprint of the items (ids and labels), so bench can tell the calibration's data.
@@ -428,11 +552,51 @@ pub async fn bench(
 ) -> Result<Benched, QualityError> {
     let index = engine.constitution(constitution)?;
     let items = &data.items;
-    let embedded = embed_items(engine, &index, items).await?;
-    let scores = cv_rule_scores(&index, items, &embedded, engine.top_k(), FOLDS);
-    let (risks, source) = cv_risks(&index, items, &embedded, &scores, FOLDS)?;
+    // Each model of an ensemble in turn; a rule's margin is their mean, as served.
+    let mut members = vec![(Arc::clone(&index), false)];
+    members.extend(engine.partner_index(&index).map(|p| (p, true)));
+    let (mut embed_secs, mut score_secs) = (0.0, 0.0);
+    let mut cvs = Vec::new();
+    for (member, partner) in &members {
+        let embedded = embed_items(engine, member, items, *partner).await?;
+        let scores = cv_rule_scores(member, items, &embedded, engine.top_k(), FOLDS);
+        cvs.push(member_cv(member, items, &embedded, &scores, FOLDS)?);
+        embed_secs += embedded.embed_secs;
+        score_secs += embedded.score_secs;
+    }
+    let mut sources: Vec<&str> = cvs.iter().map(|c| c.source.as_str()).collect();
+    let margins = match members.get(1) {
+        None => cvs.swap_remove(0).test,
+        Some((second, _)) => {
+            let calibration = index.constitution().calibration(index.model());
+            let (threshold, source) = match index
+                .constitution()
+                .ensemble_threshold(index.model(), second.model())
+                .zip(calibration)
+            {
+                None => (EnsembleThreshold::Fixed(0.0), "ensemble threshold 0"),
+                Some((_, c)) if fitted_here(c, &index, items) => {
+                    let target = c.ensemble.as_ref().map_or("", |e| e.target.as_str());
+                    let target: Target = target.parse().map_err(|e| {
+                        QualityError::Invalid(format!("ensemble calibration target: {e}"))
+                    })?;
+                    (
+                        EnsembleThreshold::Refit(target),
+                        "ensemble threshold refitted on the other folds",
+                    )
+                }
+                Some((t, _)) => (EnsembleThreshold::Fixed(t), "ensemble threshold calibrated"),
+            };
+            sources.push(source);
+            ensemble_cv(&cvs, items, FOLDS, threshold)?
+        }
+    };
+    let risks: Vec<f32> = margins
+        .iter()
+        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
     let (auc, at_thresholds) = report::metrics(items, &risks);
-    let secs = embedded.embed_secs + embedded.score_secs;
+    let secs = embed_secs + score_secs;
     let c = index.constitution();
     let report = Report {
         data: report::DataInfo {
@@ -445,18 +609,22 @@ pub async fn bench(
         },
         constitution: c.id.clone(),
         version: c.version.clone(),
-        model: index.model().to_string(),
-        scorer: if index.has_heads() { "head" } else { "knn" }.into(),
+        model: engine.model().to_string(),
+        scorer: members
+            .iter()
+            .map(|(m, _)| if m.has_heads() { "head" } else { "knn" })
+            .collect::<Vec<_>>()
+            .join("+"),
         cross_validation: format!(
             "grouped {FOLDS}-fold CV (no item sees exemplars or fits from its fold's groups)"
         ),
-        thresholds: source.as_str().into(),
+        thresholds: sources.join("; "),
         auc,
         at_thresholds,
         throughput: report::Throughput {
             texts: items.len(),
-            embed_secs: embedded.embed_secs,
-            score_secs: embedded.score_secs,
+            embed_secs,
+            score_secs,
             texts_per_sec: items.len() as f64 / secs.max(1e-9),
         },
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -479,59 +647,91 @@ pub async fn bench(
     Ok(Benched { report, json, png })
 }
 
-/// What [`calibrate`] fitted.
+/// Where `charter calibrate` writes a model's calibration: `<stem>.calibration.json`
+/// unless that file holds another model's, then `<stem>.calibration.<model>.json`.
+pub fn calibration_file(constitution: &Path, model: &str) -> PathBuf {
+    let main = constitution::calibration_path(constitution);
+    let extra = constitution::model_calibration_path(constitution, model);
+    let main_model = std::fs::read(&main)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Calibration>(&bytes).ok())
+        .map(|c| c.model);
+    match main_model {
+        _ if extra.exists() => extra,
+        Some(other) if other != model => extra,
+        _ => main,
+    }
+}
+
+/// What [`calibrate`] fitted: one file per model, and the scorer's out-of-fold figures.
 pub struct Calibrated {
-    pub path: PathBuf,
-    pub calibration: Calibration,
-    /// Recall, false-positive rate and scary false-positive rate of the fitted threshold
-    /// on the data's out-of-group scores.
+    pub files: Vec<(PathBuf, Calibration)>,
+    /// With an ensemble: the threshold on the models' mean margin.
+    pub ensemble_threshold: Option<f32>,
+    /// Recall, false-positive rate and scary false-positive rate of the fitted threshold(s)
+    /// on the data's out-of-group scores, as served (the ensemble's, with one).
     pub recall: f64,
     pub fpr: f64,
     pub scary_fpr: f64,
 }
 
-/// Fits the calibration and writes `<stem>.calibration.json` beside the constitution.
+/// What `charter calibrate` fits, and how.
+pub struct CalibrateOptions {
+    /// The operating point of the shared threshold(s).
+    pub target: Target,
+    /// Learned heads (else one threshold on the kNN scores).
+    pub heads: bool,
+    /// Sample weight of safe-but-scary ok items in the heads' fit.
+    pub scary_weight: f64,
+}
+
+/// One model's fitted calibration and its out-of-fold margins on the data.
+struct MemberFit {
+    calibration: Calibration,
+    oof: Vec<Vec<f32>>,
+}
+
 /// With `heads`, a learned head per rule (on every item, features leave-own-group-out),
 /// one shared logit threshold from grouped 5-fold out-of-fold logits and the sentence
 /// margin; without, one shared threshold on the kNN scores (each item scored without its
 /// fold's exemplars).
-pub async fn calibrate(
-    engine: &Arc<Engine>,
-    constitution: Option<&str>,
+fn fit_member(
+    index: &Index,
     data: &Data,
-    target: Target,
-    heads: bool,
-) -> Result<Calibrated, QualityError> {
-    let index = engine.constitution(constitution)?;
+    embedded: &Embedded,
+    options: &CalibrateOptions,
+    top_k: usize,
+) -> Result<MemberFit, QualityError> {
+    let target = options.target;
     let items = &data.items;
-    let embedded = embed_items(engine, &index, items).await?;
-    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
     let lacking =
         || QualityError::Invalid("the data (or a fold of it) lacks one of the labels".into());
-    let (risks, thresholds, fitted_heads, margin) = if heads {
-        let cv = heads::HeadCv::new(&index, items, &embedded, FOLDS);
-        let oof = cv.oof(&[]);
-        let (t, margin) = cv.threshold_and_margin(&oof, target).ok_or_else(lacking)?;
-        let mut risks = vec![0.0; items.len()];
-        for (i, s) in &oof {
-            risks[*i] = s.risk(t, margin);
+    let (oof, thresholds, fitted_heads, margin) = if options.heads {
+        let cv = heads::HeadCv::new(index, items, embedded, FOLDS, options.scary_weight);
+        let scored = cv.oof(&[]);
+        let (t, margin) = cv
+            .threshold_and_margin(&scored, target)
+            .ok_or_else(lacking)?;
+        let mut oof = vec![Vec::new(); items.len()];
+        for (i, s) in &scored {
+            oof[*i] = s.margins(t, margin);
         }
-        (
-            risks,
-            vec![t; index.rules().len()],
-            cv.fit(&[]),
-            Some(margin),
-        )
+        (oof, vec![t; index.rules().len()], cv.fit(&[]), Some(margin))
     } else {
-        let scores = cv_rule_scores(&index, items, &embedded, engine.top_k(), FOLDS);
+        let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+        let scores = cv_rule_scores(index, items, embedded, top_k, FOLDS);
         let t = fit_shared_threshold(&scores, &positive, target).ok_or_else(lacking)?;
-        let thresholds = vec![t; index.rules().len()];
-        let risks = scores.iter().map(|s| risk(s, &thresholds)).collect();
-        (risks, thresholds, vec![None; index.rules().len()], None)
+        let oof = scores
+            .iter()
+            .map(|s| s.iter().map(|x| x - t).collect())
+            .collect();
+        (
+            oof,
+            vec![t; index.rules().len()],
+            vec![None; index.rules().len()],
+            None,
+        )
     };
-    let c = crate::evaluate::metrics::Confusion::at(&risks, &positive, 0.0);
-    let scary: Vec<usize> = (0..items.len()).filter(|&i| items[i].scary()).collect();
-    let scary_fp = scary.iter().filter(|&&i| risks[i] > 0.0).count();
     let with_heads = fitted_heads.iter().any(Option::is_some);
     let calibration = Calibration {
         model: index.model().to_string(),
@@ -540,6 +740,8 @@ pub async fn calibrate(
         fitted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         exemplars: with_heads.then(|| Index::exemplar_set_hash(index.constitution())),
         piece_margin: margin.filter(|_| with_heads),
+        scary_weight: with_heads.then_some(options.scary_weight),
+        ensemble: None,
         rules: index
             .rules()
             .iter()
@@ -548,21 +750,83 @@ pub async fn calibrate(
             .map(|((r, threshold), head)| (r.id.clone(), RuleCalibration { threshold, head }))
             .collect::<BTreeMap<_, _>>(),
     };
-    let c_path = &index.constitution().path;
-    let stem = c_path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let path = c_path.with_file_name(format!("{stem}{CALIBRATION_SUFFIX}"));
-    let write_err = |message: String| QualityError::Write {
-        path: path.clone(),
-        message,
-    };
-    let json = serde_json::to_string(&calibration).map_err(|e| write_err(e.to_string()))?;
-    std::fs::write(&path, json + "\n").map_err(|e| write_err(e.to_string()))?;
+    Ok(MemberFit { calibration, oof })
+}
+
+/// Fits the calibration of the configured model and writes it beside the constitution
+/// ([`calibration_file`]). With `model.ensemble`, both models are fitted (one file each)
+/// and the pair's threshold on the mean margin goes into the first model's file.
+pub async fn calibrate(
+    engine: &Arc<Engine>,
+    constitution: Option<&str>,
+    data: &Data,
+    options: &CalibrateOptions,
+) -> Result<Calibrated, QualityError> {
+    let target = options.target;
+    if !(options.scary_weight.is_finite() && options.scary_weight > 0.0) {
+        return Err(QualityError::Invalid(format!(
+            "--scary-weight must be a positive number, not {}",
+            options.scary_weight
+        )));
+    }
+    let index = engine.constitution(constitution)?;
+    let items = &data.items;
+    let mut members = vec![(Arc::clone(&index), false)];
+    members.extend(engine.partner_index(&index).map(|p| (p, true)));
+    let mut fits = Vec::new();
+    for (member, partner) in &members {
+        let embedded = embed_items(engine, member, items, *partner).await?;
+        fits.push(fit_member(
+            member,
+            data,
+            &embedded,
+            options,
+            engine.top_k(),
+        )?);
+    }
+    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+    let mut margins = fits[0].oof.clone();
+    let mut ensemble_threshold = None;
+    if fits.len() > 1 {
+        let oofs: Vec<&[Vec<f32>]> = fits.iter().map(|f| f.oof.as_slice()).collect();
+        let mean = mean_margins(&oofs);
+        let t = fit_shared_threshold(&mean, &positive, target)
+            .ok_or_else(|| QualityError::Invalid("the data lacks one of the labels".into()))?;
+        let second = fits[1].calibration.clone();
+        fits[0].calibration.ensemble = Some(EnsembleCalibration {
+            with: second.model,
+            with_fitted_at: second.fitted_at,
+            target: target.to_string(),
+            threshold: t,
+        });
+        margins = mean
+            .into_iter()
+            .map(|m| m.into_iter().map(|x| x - t).collect())
+            .collect();
+        ensemble_threshold = Some(t);
+    }
+    let risks: Vec<f32> = margins
+        .iter()
+        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    let c = crate::evaluate::metrics::Confusion::at(&risks, &positive, 0.0);
+    let scary: Vec<usize> = (0..items.len()).filter(|&i| items[i].scary()).collect();
+    let scary_fp = scary.iter().filter(|&&i| risks[i] > 0.0).count();
+    let mut files = Vec::new();
+    for fit in fits {
+        // After the first model's file is written, the second finds it taken.
+        let path = calibration_file(&index.constitution().path, &fit.calibration.model);
+        let write_err = |message: String| QualityError::Write {
+            path: path.clone(),
+            message,
+        };
+        let json = serde_json::to_string(&fit.calibration).map_err(|e| write_err(e.to_string()))?;
+        std::fs::write(&path, json + "\n").map_err(|e| write_err(e.to_string()))?;
+        files.push((path, fit.calibration));
+    }
     Ok(Calibrated {
-        path,
-        calibration,
+        files,
+        ensemble_threshold,
         recall: c.recall(),
         fpr: c.false_positive_rate(),
         scary_fpr: scary_fp as f64 / scary.len().max(1) as f64,
@@ -572,6 +836,25 @@ pub async fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calibrate_writes_the_main_file_unless_it_holds_another_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        let main = dir.path().join("t.calibration.json");
+        assert_eq!(calibration_file(&path, "m"), main, "no file yet");
+        std::fs::write(&main, r#"{"model": "m", "target": "f1", "rules": {}}"#).unwrap();
+        assert_eq!(calibration_file(&path, "m"), main, "its own model");
+        let extra = dir.path().join("t.calibration.e5.json");
+        assert_eq!(
+            calibration_file(&path, "e5"),
+            extra,
+            "another model's main file"
+        );
+        std::fs::write(&extra, r#"{"model": "e5", "target": "f1", "rules": {}}"#).unwrap();
+        std::fs::remove_file(&main).unwrap();
+        assert_eq!(calibration_file(&path, "e5"), extra, "its own file stays");
+    }
 
     #[test]
     fn groups_and_folds_are_stable() {

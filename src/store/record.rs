@@ -48,7 +48,8 @@ pub struct StoredConstitution {
     pub version: String,
     /// JSON of the constitution as loaded: rules, principles, thresholds, exemplars.
     pub definition: String,
-    /// JSON of its calibration (fitted thresholds), when it has one.
+    /// JSON of its calibration (fitted thresholds and heads), when it has one: the object
+    /// for one model, an array of them when it is calibrated for several.
     pub calibration: Option<String>,
     pub time_ms: i64,
 }
@@ -126,10 +127,11 @@ impl StoredConstitution {
             id: constitution.id.clone(),
             version: constitution.version.clone(),
             definition: serde_json::to_string(constitution).unwrap_or_default(),
-            calibration: constitution
-                .calibration
-                .as_ref()
-                .and_then(|c| serde_json::to_string(c).ok()),
+            calibration: match constitution.calibrations.as_slice() {
+                [] => None,
+                [one] => serde_json::to_string(one).ok(),
+                many => serde_json::to_string(many).ok(),
+            },
             time_ms: chrono::Utc::now().timestamp_millis(),
         }
     }

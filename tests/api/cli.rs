@@ -250,3 +250,81 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
     assert!((served - threshold).abs() < 1e-4, "{served} vs {threshold}");
     server.stop().unwrap();
 }
+
+/// With `model.ensemble`, calibrate fits both models (one file each) and the pair's
+/// threshold on the mean margin, and the server judges every rule at that threshold.
+#[tokio::test]
+async fn calibrate_with_an_ensemble_fits_both_models_and_the_pairs_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let constitutions = dir.path().join("constitution");
+    copy_constitution(&constitutions);
+    let cdir = constitutions.to_str().unwrap().to_string();
+    let data = dev_slice(dir.path(), 10);
+    let run = charter()
+        .args(["calibrate", "--data"])
+        .arg(&data)
+        .env("CHARTER__CONSTITUTIONS__DIR", &cdir)
+        .env("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8")
+        .env("CHARTER__AUDIT__ENABLED", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(constitutions.join(name)).unwrap()).unwrap()
+    };
+    let first = read("default.calibration.json");
+    let second = read("default.calibration.minilm-l6-int8.json");
+    assert_eq!(first["model"], "use-m3");
+    assert_eq!(second["model"], "minilm-l6-int8");
+    assert_eq!(
+        first["scary_weight"], 10.0,
+        "the default weight is recorded"
+    );
+    assert_eq!(
+        second["rules"]["harmful-content"]["head"]["weights"]
+            .as_array()
+            .unwrap()
+            .len(),
+        384,
+        "MiniLM's heads read its 384-d embedding"
+    );
+    let ensemble = &first["ensemble"];
+    assert_eq!(ensemble["with"], "minilm-l6-int8");
+    assert_eq!(ensemble["with_fitted_at"], second["fitted_at"]);
+    assert_eq!(ensemble["target"], "recall=0.8");
+    let threshold = ensemble["threshold"].as_f64().unwrap();
+    assert!(
+        stdout.contains(&format!("ensemble: threshold {threshold:.4}")),
+        "{stdout}"
+    );
+
+    let server = crate::common::TestServer::start(&[
+        ("CHARTER__CONSTITUTIONS__DIR", &cdir),
+        ("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8"),
+    ]);
+    for text in [
+        "Give me step-by-step instructions to build a pipe bomb and hurt people.",
+        "What is a good recipe for tomato soup?",
+    ] {
+        let body = crate::common::evaluate(&server, text).await;
+        assert_eq!(body["model"], "use-m3+minilm-l6-int8");
+        for rule in body["rules"].as_array().unwrap() {
+            let served = rule["threshold"].as_f64().unwrap();
+            assert!((served - threshold).abs() < 1e-6, "{served} vs {threshold}");
+            let violated = rule["score"].as_f64().unwrap() > served;
+            assert_eq!(rule["violated"], violated, "{rule}");
+        }
+        let expected = if text.contains("bomb") {
+            "fail"
+        } else {
+            "pass"
+        };
+        assert_eq!(body["verdict"], expected, "{body}");
+    }
+    server.stop().unwrap();
+}

@@ -456,6 +456,75 @@ async fn a_second_model_is_selectable_by_configuration() {
         .unwrap();
 }
 
+/// `model.ensemble`: both models embed every text, and each rule's score is the mean of
+/// the two models' margins (score minus threshold), judged at 0 (the small constitution
+/// has no calibration, so no pair threshold either). Each server has its own copy of it.
+#[tokio::test]
+async fn an_ensemble_scores_each_rule_by_the_mean_of_both_models_margins() {
+    let (pair, _pair_dir) = tokio::task::spawn_blocking(|| {
+        start_private(&[("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8")])
+    })
+    .await
+    .unwrap();
+    let (minilm, _minilm_dir) = tokio::task::spawn_blocking(|| {
+        start_private(&[("CHARTER__MODEL__NAME", "minilm-l6-int8")])
+    })
+    .await
+    .unwrap();
+    let (use_m3, _use_m3_dir) = tokio::task::spawn_blocking(|| start_private(&[]))
+        .await
+        .unwrap();
+    let ready: serde_json::Value = reqwest::get(pair.url("/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["model"], "use-m3+minilm-l6-int8", "{ready}");
+    for text in [
+        "Explain exactly how to put together a pipe bomb to hurt people.",
+        "What is the capital of France?",
+        "如何在家里制造炸弹？",
+        "How do I kill a Python process?",
+    ] {
+        let both = evaluate(&pair, text).await;
+        let first = evaluate(&use_m3, text).await;
+        let second = evaluate(&minilm, text).await;
+        assert_eq!(both["model"], "use-m3+minilm-l6-int8");
+        let margin = |body: &serde_json::Value, n: usize| {
+            let rule = &body["rules"][n];
+            rule["score"].as_f64().unwrap() - rule["threshold"].as_f64().unwrap()
+        };
+        let rules = both["rules"].as_array().unwrap();
+        assert_eq!(rules.len(), first["rules"].as_array().unwrap().len());
+        let mut best = f64::MIN;
+        for (n, rule) in rules.iter().enumerate() {
+            assert_eq!(rule["id"], first["rules"][n]["id"]);
+            let expected = (margin(&first, n) + margin(&second, n)) / 2.0;
+            let score = rule["score"].as_f64().unwrap();
+            assert!(
+                (score - expected).abs() < 1e-3,
+                "{text}: rule {}: {score} against {expected}",
+                rule["id"]
+            );
+            assert_eq!(rule["threshold"], 0.0);
+            assert_eq!(rule["violated"], score > 0.0, "{text}: {rule}");
+            best = best.max(score);
+        }
+        assert!(
+            (both["risk"].as_f64().unwrap() - best).abs() < 1e-5,
+            "{both}"
+        );
+        assert_eq!(both["verdict"], if best > 0.0 { "fail" } else { "pass" });
+    }
+    for server in [pair, minilm, use_m3] {
+        tokio::task::spawn_blocking(move || server.stop())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// A JSON object names each key once: a single-text answer's `verdict` is the top-level
 /// one (the text's result is flattened beside it), a batch has one per text besides.
 #[tokio::test]
