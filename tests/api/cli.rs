@@ -6,6 +6,22 @@ fn charter() -> Command {
     Command::new(env!("CARGO_BIN_EXE_charter"))
 }
 
+/// Runs a command without the audit store and returns its stdout; fails the test with
+/// both outputs when it does not succeed.
+fn succeed(command: &mut Command) -> String {
+    let run = command
+        .env("CHARTER__AUDIT__ENABLED", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn check_accepts_the_default_constitution() {
     let out = charter()
@@ -98,19 +114,12 @@ fn bench_writes_a_json_report_and_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let data = dev_slice(dir.path(), 15);
     let out = dir.path().join("report");
-    let run = charter()
-        .args(["bench", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .env("CHARTER__AUDIT__ENABLED", "false")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&run.stderr)
+    let stdout = succeed(
+        charter()
+            .args(["bench", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out),
     );
     assert!(stdout.contains("ROC-AUC"), "{stdout}");
     let report: serde_json::Value =
@@ -199,18 +208,11 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
     server.stop().unwrap();
 
     let data = dev_slice(dir.path(), 5);
-    let run = charter()
-        .args(["calibrate", "--target", "recall=0.8", "--data"])
-        .arg(&data)
-        .env("CHARTER__CONSTITUTIONS__DIR", &cdir)
-        .env("CHARTER__AUDIT__ENABLED", "false")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&run.stderr)
+    let stdout = succeed(
+        charter()
+            .args(["calibrate", "--target", "recall=0.8", "--data"])
+            .arg(&data)
+            .env("CHARTER__CONSTITUTIONS__DIR", &cdir),
     );
     assert!(stdout.contains("recall"), "{stdout}");
     let file: serde_json::Value = serde_json::from_slice(
@@ -260,19 +262,12 @@ async fn calibrate_with_an_ensemble_fits_both_models_and_the_pairs_threshold() {
     copy_constitution(&constitutions);
     let cdir = constitutions.to_str().unwrap().to_string();
     let data = dev_slice(dir.path(), 10);
-    let run = charter()
-        .args(["calibrate", "--data"])
-        .arg(&data)
-        .env("CHARTER__CONSTITUTIONS__DIR", &cdir)
-        .env("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8")
-        .env("CHARTER__AUDIT__ENABLED", "false")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&run.stderr)
+    let stdout = succeed(
+        charter()
+            .args(["calibrate", "--data"])
+            .arg(&data)
+            .env("CHARTER__CONSTITUTIONS__DIR", &cdir)
+            .env("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8"),
     );
     let read = |name: &str| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(constitutions.join(name)).unwrap()).unwrap()
