@@ -387,10 +387,12 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     c.version,
                     c.rules.len(),
                     examples,
-                    if !c.calibrations.is_empty() {
-                        " (calibrated)"
+                    if c.calibrations.is_empty() {
+                        String::new()
                     } else {
-                        ""
+                        let models: Vec<&str> =
+                            c.calibrations.iter().map(|c| c.model.as_str()).collect();
+                        format!(" (calibrated for {})", models.join(", "))
                     }
                 );
             }
