@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::error::AppError;
 use crate::constitution::{Action, Severity};
+use crate::engine::Engine;
 use crate::evaluate::Index;
 use crate::AppState;
 
@@ -17,6 +18,7 @@ pub struct Summary {
     pub default: bool,
     pub rules: usize,
     pub exemplars: usize,
+    /// Calibrated for the model that scores (with an ensemble: both models and the pair).
     pub calibrated: bool,
 }
 
@@ -27,7 +29,8 @@ pub struct RuleView {
     pub principle: std::collections::BTreeMap<String, String>,
     pub severity: Severity,
     pub action: Action,
-    /// The threshold in force for the loaded model.
+    /// The threshold in force for the loaded model (with an ensemble: the pair's, on the
+    /// mean margin).
     pub threshold: f32,
     pub violating_examples: usize,
     pub compliant_examples: usize,
@@ -44,8 +47,13 @@ pub struct Detail {
     pub rules: Vec<RuleView>,
 }
 
-fn summary(index: &Index, default: &str) -> Summary {
+fn summary(engine: &Engine, index: &Index) -> Summary {
     let c = index.constitution();
+    let default = engine.default_constitution();
+    let calibrated = c.calibration(index.model()).is_some()
+        && engine
+            .partner_index(index)
+            .is_none_or(|p| c.ensemble_threshold(index.model(), p.model()).is_some());
     Summary {
         id: c.id.clone(),
         description: c.description.clone(),
@@ -53,18 +61,17 @@ fn summary(index: &Index, default: &str) -> Summary {
         default: c.id == default,
         rules: c.rules.len(),
         exemplars: index.len(),
-        calibrated: c.calibration(index.model()).is_some(),
+        calibrated,
     }
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Summary>>, AppError> {
     let engine = state.engine()?;
-    let default = engine.default_constitution();
     Ok(Json(
         engine
             .constitutions()
             .iter()
-            .map(|i| summary(i, &default))
+            .map(|i| summary(&engine, i))
             .collect(),
     ))
 }
@@ -81,6 +88,9 @@ pub async fn get(
             message: format!("no constitution with id {id:?}"),
         })?;
     let c = index.constitution();
+    let pair = engine
+        .partner_index(&index)
+        .map(|p| crate::engine::ensemble_threshold(&index, &p));
     let rules = c
         .rules
         .iter()
@@ -91,7 +101,7 @@ pub async fn get(
             principle: rule.principle.clone(),
             severity: rule.severity,
             action: rule.action,
-            threshold: indexed.threshold,
+            threshold: pair.unwrap_or(indexed.threshold),
             violating_examples: rule.violating.len(),
             compliant_examples: rule.compliant.len(),
             critique: rule.critique.clone(),
@@ -99,8 +109,8 @@ pub async fn get(
         })
         .collect();
     Ok(Json(Detail {
-        summary: summary(&index, &engine.default_constitution()),
-        model: index.model().to_string(),
+        summary: summary(&engine, &index),
+        model: engine.model().to_string(),
         shared_compliant_examples: c.shared_compliant.len(),
         rules,
     }))
