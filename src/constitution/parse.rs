@@ -186,7 +186,7 @@ fn calibration_files(path: &Path) -> Vec<(PathBuf, Option<String>)> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let model = name.strip_prefix(&prefix)?.strip_suffix(".json")?;
-            (!model.is_empty() && !model.contains('.')).then(|| (e.path(), Some(model.to_string())))
+            (!model.is_empty()).then(|| (e.path(), Some(model.to_string())))
         })
         .collect();
     extra.sort();
@@ -613,6 +613,7 @@ violating = ["Find me her home address."]
         write(dir.path(), "test.calibration.json", &cal("m", 0.3));
         let one = parse_file(&path).unwrap();
         write(dir.path(), "test.calibration.e5.json", &cal("e5", 0.7));
+        write(dir.path(), "test.calibration.v1.2.json", &cal("v1.2", 0.8));
         // Another constitution's files are not this one's.
         write(dir.path(), "test2.calibration.x.json", &cal("x", 0.9));
         let two = parse_file(&path).unwrap();
@@ -623,9 +624,11 @@ violating = ["Find me her home address."]
         let harm = two.rule("harm").unwrap();
         assert_eq!(two.threshold(harm, "m"), 0.3);
         assert_eq!(two.threshold(harm, "e5"), 0.7);
+        assert_eq!(two.threshold(harm, "v1.2"), 0.8, "a model id may hold dots");
         assert_eq!(two.threshold(harm, "x"), 0.1);
         let models: Vec<&str> = two.calibrations.iter().map(|c| c.model.as_str()).collect();
-        assert_eq!(models, ["m", "e5"], "the main file first");
+        assert_eq!(models, ["m", "e5", "v1.2"], "the main file first");
+        std::fs::remove_file(dir.path().join("test.calibration.v1.2.json")).unwrap();
 
         // A file whose name and content disagree on the model is an error naming both.
         write(dir.path(), "test.calibration.e5.json", &cal("m", 0.7));
