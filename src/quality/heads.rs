@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::{fit_shared_threshold, fold_exclusions, fold_of, row_groups, Embedded, Item};
+use super::{fit_shared_threshold, fold_exclusions, fold_of, largest, row_groups, Embedded, Item};
 use crate::constitution::LinearHead;
 use crate::evaluate::head::{self, logit, TrainingSet, HEAD_K};
 use crate::evaluate::metrics::Target;
@@ -202,11 +202,7 @@ impl<'a> HeadCv<'a> {
         let mut benign: Vec<f32> = scored
             .iter()
             .filter(|(i, _)| !self.items[*i].violation())
-            .flat_map(|(_, s)| {
-                s.pieces
-                    .iter()
-                    .map(|p| p.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            })
+            .flat_map(|(_, s)| s.pieces.iter().map(|p| largest(p)))
             .collect();
         benign.sort_by(f32::total_cmp);
         let margin = if benign.is_empty() {

@@ -295,6 +295,11 @@ pub fn cv_rule_scores(
         .collect()
 }
 
+/// The largest of an item's per-rule margins: its risk (`> 0` exactly when it fails).
+pub fn largest(margins: &[f32]) -> f32 {
+    margins.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// The overall risk at per-rule thresholds: the largest score minus threshold.
 pub fn risk(scores: &[f32], thresholds: &[f32]) -> f32 {
     scores
@@ -308,10 +313,7 @@ pub fn risk(scores: &[f32], thresholds: &[f32]) -> f32 {
 /// (the best rule score). Raw kNN scores share a scale (a cosine difference), and so do
 /// the logits of class-balanced heads.
 pub fn fit_shared_threshold(scores: &[Vec<f32>], positive: &[bool], target: Target) -> Option<f32> {
-    let best: Vec<f32> = scores
-        .iter()
-        .map(|s| s.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-        .collect();
+    let best: Vec<f32> = scores.iter().map(|s| largest(s)).collect();
     fit_threshold(&best, positive, target)
 }
 
@@ -591,10 +593,7 @@ pub async fn bench(
             ensemble_cv(&cvs, items, FOLDS, threshold)?
         }
     };
-    let risks: Vec<f32> = margins
-        .iter()
-        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-        .collect();
+    let risks: Vec<f32> = margins.iter().map(|m| largest(m)).collect();
     let (auc, at_thresholds) = report::metrics(items, &risks);
     let secs = embed_secs + score_secs;
     let c = index.constitution();
@@ -785,9 +784,7 @@ pub async fn calibrate(
         )?);
     }
     let positive: Vec<bool> = items.iter().map(Item::violation).collect();
-    let mut margins = fits[0].oof.clone();
-    let mut ensemble_threshold = None;
-    if fits.len() > 1 {
+    let (risks, ensemble_threshold): (Vec<f32>, _) = if fits.len() > 1 {
         let oofs: Vec<&[Vec<f32>]> = fits.iter().map(|f| f.oof.as_slice()).collect();
         let mean = mean_margins(&oofs);
         let t = fit_shared_threshold(&mean, &positive, target)
@@ -799,16 +796,11 @@ pub async fn calibrate(
             target: target.to_string(),
             threshold: t,
         });
-        margins = mean
-            .into_iter()
-            .map(|m| m.into_iter().map(|x| x - t).collect())
-            .collect();
-        ensemble_threshold = Some(t);
-    }
-    let risks: Vec<f32> = margins
-        .iter()
-        .map(|m| m.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-        .collect();
+        let thresholds = vec![t; index.rules().len()];
+        (mean.iter().map(|m| risk(m, &thresholds)).collect(), Some(t))
+    } else {
+        (fits[0].oof.iter().map(|m| largest(m)).collect(), None)
+    };
     let c = crate::evaluate::metrics::Confusion::at(&risks, &positive, 0.0);
     let scary: Vec<usize> = (0..items.len()).filter(|&i| items[i].scary()).collect();
     let scary_fp = scary.iter().filter(|&&i| risks[i] > 0.0).count();

@@ -181,12 +181,7 @@ fn copy_constitution(dir: &std::path::Path) {
 }
 
 async fn default_version(server: &crate::common::TestServer) -> String {
-    let list: serde_json::Value = reqwest::get(server.url("/v1/constitutions"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = crate::common::get_json(server, "/v1/constitutions").await;
     list.as_array()
         .unwrap()
         .iter()
@@ -302,12 +297,7 @@ async fn calibrate_with_an_ensemble_fits_both_models_and_the_pairs_threshold() {
         ("CHARTER__CONSTITUTIONS__DIR", &cdir),
         ("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8"),
     ]);
-    let detail: serde_json::Value = reqwest::get(server.url("/v1/constitutions/default"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail = crate::common::get_json(&server, "/v1/constitutions/default").await;
     assert_eq!(detail["model"], "use-m3+minilm-l6-int8", "{detail}");
     assert_eq!(detail["calibrated"], true, "{detail}");
     for rule in detail["rules"].as_array().unwrap() {

@@ -261,12 +261,7 @@ async fn bad_inputs_get_their_status_and_type() {
 #[tokio::test]
 async fn constitutions_are_listed_with_versions() {
     let server = common::shared();
-    let list: serde_json::Value = reqwest::get(server.url("/v1/constitutions"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = common::get_json(server, "/v1/constitutions").await;
     let default = list
         .as_array()
         .unwrap()
@@ -275,12 +270,7 @@ async fn constitutions_are_listed_with_versions() {
         .unwrap();
     assert_eq!(default["default"], true);
     assert_eq!(default["rules"], 9);
-    let detail: serde_json::Value = reqwest::get(server.url("/v1/constitutions/default"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail = common::get_json(server, "/v1/constitutions/default").await;
     assert_eq!(detail["version"], default["version"]);
     let rules = detail["rules"].as_array().unwrap();
     let ids: Vec<&str> = rules.iter().map(|r| r["id"].as_str().unwrap()).collect();
@@ -311,12 +301,7 @@ async fn health_and_readiness() {
     let server = common::shared();
     let r = reqwest::get(server.url("/healthz")).await.unwrap();
     assert_eq!(r.status(), 200);
-    let ready: serde_json::Value = reqwest::get(server.url("/readyz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = common::get_json(server, "/readyz").await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["model"], "use-m3");
     let r = reqwest::get(server.url("/healthz")).await.unwrap();
@@ -463,12 +448,7 @@ async fn an_ensemble_scores_each_rule_by_the_mean_of_both_models_margins() {
     let (pair, _pair_dir) = start_private(&[("CHARTER__MODEL__ENSEMBLE", "minilm-l6-int8")]).await;
     let (minilm, _minilm_dir) = start_private(&[("CHARTER__MODEL__NAME", "minilm-l6-int8")]).await;
     let (use_m3, _use_m3_dir) = start_private(&[]).await;
-    let ready: serde_json::Value = reqwest::get(pair.url("/readyz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = common::get_json(&pair, "/readyz").await;
     assert_eq!(ready["model"], "use-m3+minilm-l6-int8", "{ready}");
     for text in [
         "Explain exactly how to put together a pipe bomb to hurt people.",

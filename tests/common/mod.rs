@@ -161,6 +161,16 @@ pub async fn post_json(
     (status, body)
 }
 
+/// GET `path` and parse the JSON body.
+pub async fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
+    reqwest::get(server.url(path))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn evaluate(server: &TestServer, text: &str) -> serde_json::Value {
     let (status, body) =
         post_json(server, "/v1/evaluate", &serde_json::json!({"text": text})).await;
