@@ -98,16 +98,17 @@ enum Command {
         data: PathBuf,
         /// f1 (best F1), fpr=RATE (highest recall at most this false-positive rate) or
         /// recall=RATE (highest threshold reaching this recall).
-        #[arg(long, default_value = "recall=0.80")]
+        #[arg(long, default_value = "recall=0.79")]
         target: charter::evaluate::metrics::Target,
         /// What to fit: `head` (a learned head per rule and a shared logit threshold) or
         /// `knn` (a shared threshold on the exemplar kNN scores).
         #[arg(long, default_value = "head", value_parser = ["head", "knn"])]
         scorer: String,
         /// Sample weight of safe-but-scary ok items (ids with `xstest` or `antibias`) in the
-        /// heads' fit; higher trades ranking quality for fewer false alarms on them.
-        #[arg(long, default_value_t = charter::evaluate::head::SCARY_WEIGHT)]
-        scary_weight: f64,
+        /// heads' fit; higher trades ranking quality for fewer false alarms on them. `W`
+        /// for every model, or `MODEL=W,...` with an optional bare `W` for the others.
+        #[arg(long, value_name = "WEIGHTS", default_value = charter::evaluate::head::SCARY_WEIGHTS)]
+        scary_weight: charter::quality::ScaryWeights,
         /// TOML configuration file.
         #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG")]
         config: Option<PathBuf>,
@@ -212,7 +213,7 @@ fn main() -> ExitCode {
                 let options = charter::quality::CalibrateOptions {
                     target,
                     heads: scorer == "head",
-                    scary_weight,
+                    scary_weights: scary_weight,
                 };
                 runtime().block_on(calibrate(config, data, constitution, options))
             },

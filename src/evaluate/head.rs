@@ -6,7 +6,7 @@
 //! cosines to rule r's violating exemplars minus that to the shared compliant pool. Each
 //! rule's head is fitted on rule-r violations against ok items only (other rules'
 //! violations left out), L2 with C = 0.1, class-balanced, with a weight on safe-but-scary
-//! ok items (`charter calibrate --scary-weight`, default [`SCARY_WEIGHT`]). The standardisations are then folded into the weights, so serving computes
+//! ok items (`charter calibrate --scary-weight`, default [`SCARY_WEIGHTS`]). The standardisations are then folded into the weights, so serving computes
 //! `logit_r = b_r + w_r . q + v_r . s` and nothing else.
 //!
 //! The solver is a small L-BFGS on the (convex, smooth) regularised log-loss, written here
@@ -27,10 +27,15 @@ pub fn embedding_weight(dim: usize) -> f64 {
 }
 /// Inverse regularisation strength, as scikit-learn's `C`.
 pub const C: f64 = 0.1;
-/// Sample weight of safe-but-scary ok items, by default. Measured on dev (grouped CV,
-/// BENCHMARKS.md), use-m3: weight 3 (target recall 0.82) flagged 0.227 of them at recall
-/// 0.837, AUC 0.893; weight 10 (target 0.80) flags 0.160 at recall 0.817, AUC 0.886.
+/// Sample weight of safe-but-scary ok items, by default, for models not named in
+/// [`SCARY_WEIGHTS`].
 pub const SCARY_WEIGHT: f64 = 10.0;
+/// The default `charter calibrate --scary-weight`: per model, then the fallback. Measured
+/// on dev (grouped CV, BENCHMARKS.md). use-m3 alone, target recall 0.79: weight 10 flags
+/// 0.149 of the safe-but-scary items at recall 0.811, AUC 0.885; weight 20 flags 0.141 at
+/// recall 0.817, AUC 0.881. e5-small takes 10: with 20 the use-m3 + e5-small pair falls
+/// to AUC 0.899, with use-m3 at 20 and e5-small at 10 it keeps 0.901.
+pub const SCARY_WEIGHTS: &str = "use-m3=20,10";
 /// The weight of calibration files that do not record one (written before it was
 /// configurable).
 pub const LEGACY_SCARY_WEIGHT: f64 = 3.0;

@@ -542,10 +542,16 @@ pub struct Benched {
     pub report: Report,
     pub json: PathBuf,
     pub png: PathBuf,
+    /// One JSON line per item: its cross-validated risk, verdict and margins.
+    pub items: PathBuf,
 }
 
-/// Scores the data with grouped cross-validation, writes `report.json` and `report.png`
-/// into `out`.
+fn rule_ids(index: &Index) -> Vec<&str> {
+    index.rules().iter().map(|r| r.id.as_str()).collect()
+}
+
+/// Scores the data with grouped cross-validation, writes `report.json`, `report.png` and
+/// `items.jsonl` into `out`.
 pub async fn bench(
     engine: &Arc<Engine>,
     constitution: Option<&str>,
@@ -595,6 +601,9 @@ pub async fn bench(
     };
     let risks: Vec<f32> = margins.iter().map(|m| largest(m)).collect();
     let (auc, at_thresholds) = report::metrics(items, &risks);
+    let models: Vec<&str> = members.iter().map(|(m, _)| m.model()).collect();
+    let lines = report::item_lines(items, &rule_ids(&index), &margins, &models, &cvs)
+        .map_err(|e| QualityError::Invalid(format!("per-item lines: {e}")))?;
     let secs = embed_secs + score_secs;
     let c = index.constitution();
     let report = Report {
@@ -643,7 +652,14 @@ pub async fn bench(
     std::fs::write(&json, text + "\n").map_err(|e| write_err(&json, e.to_string()))?;
     let png = out.join("report.png");
     plot::write_png(&png, &report, items, &risks).map_err(|e| write_err(&png, e))?;
-    Ok(Benched { report, json, png })
+    let items_path = out.join("items.jsonl");
+    std::fs::write(&items_path, lines).map_err(|e| write_err(&items_path, e.to_string()))?;
+    Ok(Benched {
+        report,
+        json,
+        png,
+        items: items_path,
+    })
 }
 
 /// Where `charter calibrate` writes a model's calibration: `<stem>.calibration.json`
@@ -680,8 +696,59 @@ pub struct CalibrateOptions {
     pub target: Target,
     /// Learned heads (else one threshold on the kNN scores).
     pub heads: bool,
-    /// Sample weight of safe-but-scary ok items in the heads' fit.
-    pub scary_weight: f64,
+    /// Sample weight of safe-but-scary ok items in the heads' fit, per model.
+    pub scary_weights: ScaryWeights,
+}
+
+/// Sample weights of safe-but-scary ok items, per model: `W` for every model, or
+/// `MODEL=W` entries and an optional bare `W` for the others, comma-separated
+/// (`use-m3=20,10`). Without a bare `W`, unnamed models get [`head::SCARY_WEIGHT`].
+///
+/// [`head::SCARY_WEIGHT`]: crate::evaluate::head::SCARY_WEIGHT
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaryWeights {
+    models: BTreeMap<String, f64>,
+    others: f64,
+}
+
+impl ScaryWeights {
+    pub fn for_model(&self, model: &str) -> f64 {
+        self.models.get(model).copied().unwrap_or(self.others)
+    }
+}
+
+impl std::str::FromStr for ScaryWeights {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let weight = |w: &str| match w.trim().parse::<f64>() {
+            Ok(w) if w.is_finite() && w > 0.0 => Ok(w),
+            _ => Err(format!("{w:?} is not a positive number")),
+        };
+        let mut models = BTreeMap::new();
+        let mut others = None;
+        for entry in s.split(',') {
+            match entry.split_once('=') {
+                Some((model, w)) if !model.trim().is_empty() => {
+                    if models
+                        .insert(model.trim().to_string(), weight(w)?)
+                        .is_some()
+                    {
+                        return Err(format!("model {:?} is named twice", model.trim()));
+                    }
+                }
+                Some(_) => return Err(format!("{entry:?} names no model (MODEL=W)")),
+                None if others.is_some() => {
+                    return Err("more than one weight for the other models".into())
+                }
+                None => others = Some(weight(entry)?),
+            }
+        }
+        Ok(Self {
+            models,
+            others: others.unwrap_or(crate::evaluate::head::SCARY_WEIGHT),
+        })
+    }
 }
 
 /// One model's fitted calibration and its out-of-fold margins on the data.
@@ -705,8 +772,9 @@ fn fit_member(
     let items = &data.items;
     let lacking =
         || QualityError::Invalid("the data (or a fold of it) lacks one of the labels".into());
+    let scary_weight = options.scary_weights.for_model(index.model());
     let (oof, thresholds, fitted_heads, margin) = if options.heads {
-        let cv = heads::HeadCv::new(index, items, embedded, FOLDS, options.scary_weight);
+        let cv = heads::HeadCv::new(index, items, embedded, FOLDS, scary_weight);
         let scored = cv.oof(&[]);
         let (t, margin) = cv
             .threshold_and_margin(&scored, target)
@@ -739,7 +807,7 @@ fn fit_member(
         fitted_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         exemplars: with_heads.then(|| Index::exemplar_set_hash(index.constitution())),
         piece_margin: margin.filter(|_| with_heads),
-        scary_weight: with_heads.then_some(options.scary_weight),
+        scary_weight: with_heads.then_some(scary_weight),
         ensemble: None,
         rules: index
             .rules()
@@ -762,12 +830,6 @@ pub async fn calibrate(
     options: &CalibrateOptions,
 ) -> Result<Calibrated, QualityError> {
     let target = options.target;
-    if !(options.scary_weight.is_finite() && options.scary_weight > 0.0) {
-        return Err(QualityError::Invalid(format!(
-            "--scary-weight must be a positive number, not {}",
-            options.scary_weight
-        )));
-    }
     let index = engine.constitution(constitution)?;
     let items = &data.items;
     let mut members = vec![(Arc::clone(&index), false)];
@@ -901,6 +963,77 @@ mod tests {
         );
         for (f, rows) in ex.iter().enumerate() {
             assert_eq!(rows[0], f == fa);
+        }
+    }
+
+    #[test]
+    fn item_lines_carry_each_items_margins_and_with_an_ensemble_each_models() {
+        let item = |id: &str, label: &str| Item {
+            id: id.into(),
+            text: "t".into(),
+            label: label.into(),
+            lang: "en".into(),
+            kind: "prompt".into(),
+            category: String::new(),
+            source: "s".into(),
+        };
+        let items = vec![item("xstest:1#a", "ok"), item("b", "violation")];
+        let member = |test: Vec<Vec<f32>>| MemberCv {
+            test,
+            train: Vec::new(),
+            source: ThresholdSource::RefitPerFold,
+        };
+        let first = member(vec![vec![0.5, -1.0], vec![2.0, 1.0]]);
+        let second = member(vec![vec![-1.5, -2.0], vec![1.0, 0.0]]);
+        let mean = vec![vec![-0.5, -1.5], vec![1.5, 0.5]];
+        let text = report::item_lines(
+            &items,
+            &["harm", "hate"],
+            &mean,
+            &["m1", "m2"],
+            &[first, second],
+        )
+        .unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["id"], "xstest:1#a");
+        assert_eq!(lines[0]["scary"], true);
+        assert_eq!(lines[0]["fold"], fold_of("xstest:1", FOLDS));
+        assert_eq!(lines[0]["risk"], -0.5);
+        assert_eq!(lines[0]["verdict"], "pass");
+        assert_eq!(lines[0]["models"]["m1"]["harm"], 0.5);
+        assert_eq!(lines[0]["models"]["m2"]["hate"], -2.0);
+        assert_eq!(lines[1]["margins"]["hate"], 0.5);
+        assert_eq!(lines[1]["verdict"], "fail");
+        // One model: no per-model copy of the margins.
+        let single =
+            report::item_lines(&items[..1], &["harm", "hate"], &mean[..1], &["m1"], &[]).unwrap();
+        assert!(!single.contains("models"), "{single}");
+    }
+
+    #[test]
+    fn scary_weights_name_models_and_a_fallback() {
+        let w: ScaryWeights = "use-m3=20, 10".parse().unwrap();
+        assert_eq!(
+            (w.for_model("use-m3"), w.for_model("e5-small")),
+            (20.0, 10.0)
+        );
+        let w: ScaryWeights = "3".parse().unwrap();
+        assert_eq!(w.for_model("use-m3"), 3.0);
+        let w: ScaryWeights = "e5-small=6".parse().unwrap();
+        assert_eq!(
+            (w.for_model("e5-small"), w.for_model("use-m3")),
+            (6.0, crate::evaluate::head::SCARY_WEIGHT)
+        );
+        let default: ScaryWeights = crate::evaluate::head::SCARY_WEIGHTS.parse().unwrap();
+        assert_eq!(default.for_model("use-m3"), 20.0);
+        for bad in [
+            "0", "-1", "x", "use-m3=0", "=4", "a=1,a=2", "1,2", "inf", "",
+        ] {
+            assert!(bad.parse::<ScaryWeights>().is_err(), "{bad:?} parsed");
         }
     }
 }

@@ -231,3 +231,68 @@ impl Report {
         out
     }
 }
+
+/// One line of `items.jsonl`: an item's cross-validated scores, so anyone can compute
+/// their own metrics from the same figures as the report.
+#[derive(Serialize)]
+struct ItemLine<'a> {
+    id: &'a str,
+    label: &'a str,
+    lang: &'a str,
+    kind: &'a str,
+    category: &'a str,
+    source: &'a str,
+    scary: bool,
+    /// The fold the item was held out in (it saw no exemplars or fits of that fold).
+    fold: usize,
+    /// The largest margin: `> 0` exactly when the verdict is `fail`.
+    risk: f32,
+    verdict: &'static str,
+    /// Per rule: score minus the threshold in force (an ensemble's mean margin minus the
+    /// pair's threshold).
+    margins: BTreeMap<&'a str, f32>,
+    /// With an ensemble, each model's own margins per rule.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    models: BTreeMap<&'a str, BTreeMap<&'a str, f32>>,
+}
+
+/// The `items.jsonl` text: one line per item, in input order.
+pub fn item_lines(
+    items: &[Item],
+    rules: &[&str],
+    margins: &[Vec<f32>],
+    models: &[&str],
+    members: &[super::MemberCv],
+) -> serde_json::Result<String> {
+    let by_rule = |m: &[f32]| rules.iter().copied().zip(m.iter().copied()).collect();
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        let risk = super::largest(&margins[i]);
+        let line = ItemLine {
+            id: &item.id,
+            label: &item.label,
+            lang: &item.lang,
+            kind: &item.kind,
+            category: &item.category,
+            source: &item.source,
+            scary: item.scary(),
+            fold: super::fold_of(item.group(), super::FOLDS),
+            risk,
+            verdict: if risk > 0.0 { "fail" } else { "pass" },
+            margins: by_rule(&margins[i]),
+            models: if members.len() > 1 {
+                models
+                    .iter()
+                    .copied()
+                    .zip(members)
+                    .map(|(model, cv)| (model, by_rule(&cv.test[i])))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+        };
+        out.push_str(&serde_json::to_string(&line)?);
+        out.push('\n');
+    }
+    Ok(out)
+}

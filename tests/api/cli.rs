@@ -162,6 +162,47 @@ fn bench_writes_a_json_report_and_a_png() {
         "{}",
         report["thresholds"]
     );
+    // items.jsonl: one line per input item, in order, whose verdicts give the report's
+    // confusion and whose risk is the largest per-rule margin.
+    let ids: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+        .collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("items.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["id"].to_string())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let (mut tp, mut fp) = (0, 0);
+    for line in &lines {
+        let margins = line["margins"].as_object().unwrap();
+        assert!(margins.contains_key("harmful-content"), "{line}");
+        let largest = margins
+            .values()
+            .map(|m| m.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(line["risk"].as_f64().unwrap(), largest, "{line}");
+        let fail = line["verdict"] == "fail";
+        assert_eq!(fail, largest > 0.0, "{line}");
+        assert!(line["fold"].as_u64().unwrap() < 5);
+        match (fail, line["label"].as_str().unwrap()) {
+            (true, "violation") => tp += 1,
+            (true, _) => fp += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (tp, fp),
+        (at["tp"].as_u64().unwrap(), at["fp"].as_u64().unwrap())
+    );
     let png = std::fs::read(out.join("report.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     let decoder = png::Decoder::new(std::io::Cursor::new(png));
@@ -272,9 +313,11 @@ async fn calibrate_with_an_ensemble_fits_both_models_and_the_pairs_threshold() {
     assert_eq!(first["model"], "use-m3");
     assert_eq!(second["model"], "minilm-l6-int8");
     assert_eq!(
-        first["scary_weight"], 10.0,
-        "the default weight is recorded"
+        (&first["scary_weight"], &second["scary_weight"]),
+        (&serde_json::json!(20.0), &serde_json::json!(10.0)),
+        "the default weights (use-m3=20, others 10) are recorded per model"
     );
+    assert_eq!(first["target"], "recall=0.79", "the default target");
     assert_eq!(
         second["rules"]["harmful-content"]["head"]["weights"]
             .as_array()
@@ -286,7 +329,7 @@ async fn calibrate_with_an_ensemble_fits_both_models_and_the_pairs_threshold() {
     let ensemble = &first["ensemble"];
     assert_eq!(ensemble["with"], "minilm-l6-int8");
     assert_eq!(ensemble["with_fitted_at"], second["fitted_at"]);
-    assert_eq!(ensemble["target"], "recall=0.8");
+    assert_eq!(ensemble["target"], "recall=0.79");
     let threshold = ensemble["threshold"].as_f64().unwrap();
     assert!(
         stdout.contains(&format!("ensemble: threshold {threshold:.4}")),
