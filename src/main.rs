@@ -268,7 +268,12 @@ async fn bench(
     match charter::quality::bench(&engine, constitution.as_deref(), &data, &out).await {
         Ok(b) => {
             println!("{}", b.report.summary());
-            println!("wrote {} and {}", b.json.display(), b.png.display());
+            println!(
+                "wrote {}, {} and {}",
+                b.json.display(),
+                b.png.display(),
+                b.items.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
