@@ -6,7 +6,8 @@
 //! cosines to rule r's violating exemplars minus that to the shared compliant pool. Each
 //! rule's head is fitted on rule-r violations against ok items only (other rules'
 //! violations left out), L2 with C = 0.1, class-balanced, with a weight on safe-but-scary
-//! ok items (`charter calibrate --scary-weight`, default [`SCARY_WEIGHTS`]). The standardisations are then folded into the weights, so serving computes
+//! ok items (`charter calibrate --scary-weight`, default [`SCARY_WEIGHTS`]). The
+//! standardisations are then folded into the weights, so serving computes
 //! `logit_r = b_r + w_r . q + v_r . s` and nothing else.
 //!
 //! The solver is a small L-BFGS on the (convex, smooth) regularised log-loss, written here

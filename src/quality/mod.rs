@@ -546,10 +546,6 @@ pub struct Benched {
     pub items: PathBuf,
 }
 
-fn rule_ids(index: &Index) -> Vec<&str> {
-    index.rules().iter().map(|r| r.id.as_str()).collect()
-}
-
 /// Scores the data with grouped cross-validation, writes `report.json`, `report.png` and
 /// `items.jsonl` into `out`.
 pub async fn bench(
@@ -601,8 +597,14 @@ pub async fn bench(
     };
     let risks: Vec<f32> = margins.iter().map(|m| largest(m)).collect();
     let (auc, at_thresholds) = report::metrics(items, &risks);
-    let models: Vec<&str> = members.iter().map(|(m, _)| m.model()).collect();
-    let lines = report::item_lines(items, &rule_ids(&index), &margins, &models, &cvs)
+    let rules: Vec<&str> = index.rules().iter().map(|r| r.id.as_str()).collect();
+    // One model: its margins were moved out of `cvs` and are `margins` themselves.
+    let models: Vec<(&str, &[Vec<f32>])> = members
+        .iter()
+        .map(|(m, _)| m.model())
+        .zip(cvs.iter().map(|c| c.test.as_slice()))
+        .collect();
+    let lines = report::item_lines(items, &rules, &margins, &risks, &models)
         .map_err(|e| QualityError::Invalid(format!("per-item lines: {e}")))?;
     let secs = embed_secs + score_secs;
     let c = index.constitution();
@@ -986,12 +988,13 @@ mod tests {
         let first = member(vec![vec![0.5, -1.0], vec![2.0, 1.0]]);
         let second = member(vec![vec![-1.5, -2.0], vec![1.0, 0.0]]);
         let mean = vec![vec![-0.5, -1.5], vec![1.5, 0.5]];
+        let risks: Vec<f32> = mean.iter().map(|m| largest(m)).collect();
         let text = report::item_lines(
             &items,
             &["harm", "hate"],
             &mean,
-            &["m1", "m2"],
-            &[first, second],
+            &risks,
+            &[("m1", &first.test), ("m2", &second.test)],
         )
         .unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -1010,7 +1013,8 @@ mod tests {
         assert_eq!(lines[1]["verdict"], "fail");
         // One model: no per-model copy of the margins.
         let single =
-            report::item_lines(&items[..1], &["harm", "hate"], &mean[..1], &["m1"], &[]).unwrap();
+            report::item_lines(&items[..1], &["harm", "hate"], &mean[..1], &risks[..1], &[])
+                .unwrap();
         assert!(!single.contains("models"), "{single}");
     }
 

@@ -256,18 +256,20 @@ struct ItemLine<'a> {
     models: BTreeMap<&'a str, BTreeMap<&'a str, f32>>,
 }
 
-/// The `items.jsonl` text: one line per item, in input order.
+/// The `items.jsonl` text: one line per item, in input order. `risks` are the items'
+/// largest margins, as the report judged them; `models` each model's own margins, shown
+/// when there are several.
 pub fn item_lines(
     items: &[Item],
     rules: &[&str],
     margins: &[Vec<f32>],
-    models: &[&str],
-    members: &[super::MemberCv],
+    risks: &[f32],
+    models: &[(&str, &[Vec<f32>])],
 ) -> serde_json::Result<String> {
     let by_rule = |m: &[f32]| rules.iter().copied().zip(m.iter().copied()).collect();
     let mut out = String::new();
     for (i, item) in items.iter().enumerate() {
-        let risk = super::largest(&margins[i]);
+        let risk = risks[i];
         let line = ItemLine {
             id: &item.id,
             label: &item.label,
@@ -280,12 +282,10 @@ pub fn item_lines(
             risk,
             verdict: if risk > 0.0 { "fail" } else { "pass" },
             margins: by_rule(&margins[i]),
-            models: if members.len() > 1 {
+            models: if models.len() > 1 {
                 models
                     .iter()
-                    .copied()
-                    .zip(members)
-                    .map(|(model, cv)| (model, by_rule(&cv.test[i])))
+                    .map(|(model, m)| (*model, by_rule(&m[i])))
                     .collect()
             } else {
                 BTreeMap::new()
