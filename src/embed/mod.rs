@@ -8,6 +8,7 @@
 
 mod onnx;
 mod queue;
+mod spans;
 mod windows;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use onnx::OnnxBackend;
 pub use queue::{Embedded, Embedder, QueueConfig};
+pub use spans::Row;
 pub use windows::{plan_windows, WindowSpec};
 
 /// What the service must know about a model folder: `charter-model.json`, written by the
@@ -41,6 +43,10 @@ pub struct ModelInfo {
     /// over all of them, at a sixth of the cost per text).
     #[serde(default)]
     pub neighbour_dims: Option<usize>,
+    /// The graph also takes `spans` and embeds a text's pieces in the text's own call
+    /// (`spans.rs`); such a model runs on an ONNX Runtime session of its own.
+    #[serde(default)]
+    pub spans: bool,
     #[serde(default)]
     pub licence: String,
 }
@@ -119,6 +125,17 @@ pub trait Backend: Send + 'static {
     fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, EmbedError>;
     /// One unit vector per input, in order.
     fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// Whether [`Backend::embed_rows`] embeds a row's spans in the row's own model call.
+    fn pools_spans(&self) -> bool {
+        false
+    }
+    /// Per row: the row text's vector, then one per span (byte ranges of the row's text).
+    /// Only a backend that [`Backend::pools_spans`] is given spans; the others embed each
+    /// row's text.
+    fn embed_rows(&mut self, rows: &[Row]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+        let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
+        Ok(self.embed(&texts)?.into_iter().map(|v| vec![v]).collect())
+    }
 }
 
 /// Dot product of two equally long vectors (cosine for unit vectors).

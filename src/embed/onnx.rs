@@ -1,5 +1,7 @@
 //! The ONNX backend: a fastembed user-defined model on ONNX Runtime, loaded dynamically
-//! from the library the set-up step fetched.
+//! from the library the set-up step fetched; or, for a graph that embeds a text's pieces
+//! in the text's own call (`charter-model.json` `spans`), a session of its own
+//! ([`SpanModel`]).
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -12,6 +14,7 @@ use std::cell::RefCell;
 
 use tokenizers::Tokenizer;
 
+use super::spans::{Row, SpanModel};
 use super::{Backend, EmbedError, ModelInfo};
 
 /// ONNX Runtime allows one environment per process, ever (ort refuses a second even after
@@ -46,7 +49,12 @@ pub struct OnnxBackend {
     /// second copy of the tokenizer would cost as much memory again: 52 MB for USE-m3's
     /// 128k-piece vocabulary (heaptrack, BENCHMARKS.md). Only the worker thread that owns
     /// the backend touches it.
-    model: RefCell<TextEmbedding>,
+    model: Runner,
+}
+
+enum Runner {
+    Fastembed(RefCell<TextEmbedding>),
+    Spans(SpanModel),
 }
 
 impl OnnxBackend {
@@ -59,6 +67,13 @@ impl OnnxBackend {
     ) -> Result<Self, EmbedError> {
         let info = ModelInfo::read(dir)?;
         let env = environment(library)?;
+        if info.spans {
+            let model = SpanModel::load(dir, &info, &env, intra_threads, spinning)?;
+            return Ok(Self {
+                info,
+                model: Runner::Spans(model),
+            });
+        }
         let read = |name: &str| {
             std::fs::read(dir.join(name)).map_err(|e| {
                 EmbedError::Load(format!("cannot read {}: {e}", dir.join(name).display()))
@@ -106,7 +121,7 @@ impl OnnxBackend {
 
         let mut backend = Self {
             info,
-            model: RefCell::new(model),
+            model: Runner::Fastembed(RefCell::new(model)),
         };
         // Warm-up call, which also checks the descriptor's `dim` against the model: a wrong
         // one would corrupt every score later.
@@ -121,9 +136,15 @@ impl Backend for OnnxBackend {
     }
 
     fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, EmbedError> {
-        let tokenizer = &mut self.model.borrow_mut().tokenizer;
-        let encoding = untruncated(tokenizer, |t| t.encode(text, false))
-            .map_err(|e| EmbedError::Inference(format!("tokenizer: {e}")))?;
+        let encoding = match &self.model {
+            Runner::Fastembed(model) => {
+                untruncated(&mut model.borrow_mut().tokenizer, |t| t.encode(text, false))
+            }
+            Runner::Spans(model) => {
+                untruncated(&mut model.tokenizer.borrow_mut(), |t| t.encode(text, false))
+            }
+        }
+        .map_err(|e| EmbedError::Inference(format!("tokenizer: {e}")))?;
         // A single encoding is not padded (batch-longest padding of one is itself); the
         // mask keeps that true should the padding ever change.
         Ok(encoding
@@ -135,19 +156,45 @@ impl Backend for OnnxBackend {
             .collect())
     }
 
+    fn pools_spans(&self) -> bool {
+        matches!(self.model, Runner::Spans(_))
+    }
+
+    fn embed_rows(&mut self, rows: &[Row]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+        match &mut self.model {
+            Runner::Spans(model) => model.embed(rows),
+            Runner::Fastembed(_) => {
+                let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
+                Ok(self.embed(&texts)?.into_iter().map(|v| vec![v]).collect())
+            }
+        }
+    }
+
     fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let result = if self.info.prefix.is_empty() {
-            self.model.get_mut().embed(texts, Some(texts.len().max(1)))
-        } else {
-            let prefixed: Vec<String> = texts
-                .iter()
-                .map(|t| format!("{}{t}", self.info.prefix))
-                .collect();
-            self.model
+        let vectors = match &mut self.model {
+            Runner::Spans(model) => {
+                let rows: Vec<Row> = texts.iter().map(|&text| Row { text, spans: &[] }).collect();
+                model
+                    .embed(&rows)?
+                    .into_iter()
+                    .map(|mut v| v.swap_remove(0))
+                    .collect()
+            }
+            Runner::Fastembed(model) if self.info.prefix.is_empty() => model
                 .get_mut()
-                .embed(&prefixed, Some(texts.len().max(1)))
+                .embed(texts, Some(texts.len().max(1)))
+                .map_err(|e| EmbedError::Inference(e.to_string()))?,
+            Runner::Fastembed(model) => {
+                let prefixed: Vec<String> = texts
+                    .iter()
+                    .map(|t| format!("{}{t}", self.info.prefix))
+                    .collect();
+                model
+                    .get_mut()
+                    .embed(&prefixed, Some(texts.len().max(1)))
+                    .map_err(|e| EmbedError::Inference(e.to_string()))?
+            }
         };
-        let vectors = result.map_err(|e| EmbedError::Inference(e.to_string()))?;
         if let Some(v) = vectors.iter().find(|v| v.len() != self.info.dim) {
             return Err(EmbedError::Inference(format!(
                 "model {} returned {} dimensions, its descriptor says {}",

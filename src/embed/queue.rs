@@ -4,7 +4,8 @@
 //! a full queue answers [`EmbedError::Overloaded`] at once, which HTTP turns into 429),
 //! send a job over a channel and await a oneshot reply. Each worker thread owns one model
 //! session. It takes every job that is waiting (up to a bound), tokenises the texts, cuts
-//! them into pieces, sorts the pieces by token length and runs them in buckets whose
+//! them into pieces (with a model that pools spans, the pieces inside a text's window ride
+//! along in the text's own row), sorts the rows by token length and runs them in buckets whose
 //! padded size (texts x longest) stays under a token budget and whose longest piece is at
 //! most `bucket_ratio` times the shortest, so little compute is spent on padding. There
 //! is no artificial wait: while the model is busy, the next batch gathers by itself.
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::windows::plan_windows;
-use super::{Backend, EmbedError, ModelInfo, Piece, TextEmbedding, WindowSpec};
+use super::{Backend, EmbedError, ModelInfo, Piece, Row, TextEmbedding, WindowSpec};
 
 #[derive(Debug, Clone, Copy)]
 pub struct QueueConfig {
@@ -137,8 +138,9 @@ impl Embedder {
     }
 }
 
-/// Where one piece's vector goes: job, text, piece; and its text range and token count.
-#[derive(Clone, Copy)]
+/// One row of a model call and where its vectors go: job, text, piece; its text range
+/// and token count; and, with a backend that [`Backend::pools_spans`], the other pieces
+/// that lie inside the row (their indices, and byte ranges relative to the row's start).
 struct Slot {
     job: usize,
     text: usize,
@@ -146,6 +148,8 @@ struct Slot {
     tokens: usize,
     start: usize,
     end: usize,
+    span_pieces: Vec<usize>,
+    spans: Vec<(usize, usize)>,
 }
 
 struct Worker<B> {
@@ -153,6 +157,7 @@ struct Worker<B> {
     config: QueueConfig,
     /// Text tokens that fit the model window (window minus specials and prefix).
     capacity: usize,
+    pools_spans: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -168,6 +173,7 @@ impl<B: Backend> Worker<B> {
         };
         let capacity = info.max_tokens.saturating_sub(2 + prefix_tokens).max(1);
         Self {
+            pools_spans: backend.pools_spans(),
             backend,
             config,
             capacity,
@@ -228,21 +234,38 @@ impl<B: Backend> Worker<B> {
         while start < slots.len() {
             let end = self.bucket_end(&slots, start);
             let bucket = &slots[start..end];
-            let inputs: Vec<&str> = bucket
+            let rows: Vec<Row> = bucket
                 .iter()
                 .map(|s| {
                     let job = jobs[s.job].as_ref().expect("a job with pieces left");
-                    &job.texts[s.text][s.start..s.end]
+                    Row {
+                        text: &job.texts[s.text][s.start..s.end],
+                        spans: &s.spans,
+                    }
                 })
                 .collect();
             let outcome =
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.embed(&inputs)))
-                    .unwrap_or_else(|_| Err(EmbedError::Inference("the model panicked".into())));
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.embed_rows(&rows)))
+                    .unwrap_or_else(|_| Err(EmbedError::Inference("the model panicked".into())))
+                    .and_then(|vectors| {
+                        let whole = vectors.len() == bucket.len()
+                            && bucket
+                                .iter()
+                                .zip(&vectors)
+                                .all(|(s, v)| v.len() == 1 + s.spans.len());
+                        whole.then_some(vectors).ok_or_else(|| {
+                            EmbedError::Inference("the model returned too few vectors".into())
+                        })
+                    });
             match outcome {
                 Ok(vectors) => {
-                    for (slot, vector) in bucket.iter().zip(vectors) {
+                    for (slot, row) in bucket.iter().zip(vectors) {
                         if let Some(Ok(r)) = &mut results[slot.job] {
-                            r[slot.text].pieces[slot.piece].vector = vector;
+                            let pieces =
+                                std::iter::once(slot.piece).chain(slot.span_pieces.iter().copied());
+                            for (piece, vector) in pieces.zip(row) {
+                                r[slot.text].pieces[piece].vector = vector;
+                            }
                         }
                     }
                 }
@@ -281,18 +304,30 @@ impl<B: Backend> Worker<B> {
                 }
             };
             let planned = plan_windows(text, &offsets, self.capacity, job.windows);
+            // With a backend that pools spans, the pieces inside the whole-text piece are
+            // embedded in its call; the rest (past the model window) get rows of their own.
+            let whole_slot = slots.len();
+            let whole_end = planned[0].end;
             let pieces = planned
                 .iter()
                 .enumerate()
                 .map(|(p, w)| {
-                    slots.push(Slot {
-                        job: j,
-                        text: t,
-                        piece: p,
-                        tokens: w.tokens,
-                        start: w.start,
-                        end: w.end,
-                    });
+                    if p > 0 && self.pools_spans && w.end <= whole_end {
+                        let row = &mut slots[whole_slot];
+                        row.span_pieces.push(p);
+                        row.spans.push((w.start - row.start, w.end - row.start));
+                    } else {
+                        slots.push(Slot {
+                            job: j,
+                            text: t,
+                            piece: p,
+                            tokens: w.tokens,
+                            start: w.start,
+                            end: w.end,
+                            span_pieces: Vec::new(),
+                            spans: Vec::new(),
+                        });
+                    }
                     Piece {
                         start: w.start,
                         end: w.end,
@@ -362,6 +397,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Vec<String>>>>,
         delay: Duration,
         fail_on: Option<&'static str>,
+        /// Embeds spans in the row's call, each as the fake vector of its own text.
+        spans: bool,
     }
 
     fn info(max_tokens: usize) -> ModelInfo {
@@ -374,6 +411,7 @@ mod tests {
             prefix: String::new(),
             dim: 4,
             neighbour_dims: None,
+            spans: false,
             licence: String::new(),
         }
     }
@@ -420,6 +458,21 @@ mod tests {
                 .push(texts.iter().map(|t| t.to_string()).collect());
             Ok(texts.iter().map(|t| fake_vector(t)).collect())
         }
+        fn pools_spans(&self) -> bool {
+            self.spans
+        }
+        fn embed_rows(&mut self, rows: &[Row]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+            let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
+            let whole = self.embed(&texts)?;
+            Ok(rows
+                .iter()
+                .zip(whole)
+                .map(|(row, v)| {
+                    let spans = row.spans.iter().map(|&(s, e)| fake_vector(&row.text[s..e]));
+                    std::iter::once(v).chain(spans).collect()
+                })
+                .collect())
+        }
     }
 
     fn config() -> QueueConfig {
@@ -438,6 +491,7 @@ mod tests {
             calls: Arc::clone(&calls),
             delay,
             fail_on: Some("FAIL"),
+            spans: false,
         };
         (Embedder::start(vec![fake], config).unwrap(), calls)
     }
@@ -543,6 +597,51 @@ mod tests {
         for piece in &emb.pieces {
             assert_eq!(piece.vector, fake_vector(&text[piece.start..piece.end]));
         }
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_pools_spans_embeds_the_pieces_inside_the_window_in_the_texts_call() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fake = Fake {
+            info: info(12),
+            calls: Arc::clone(&calls),
+            delay: Duration::ZERO,
+            fail_on: None,
+            spans: true,
+        };
+        let embedder = Embedder::start(vec![fake], config()).unwrap();
+        // 10 tokens fit the window; sentences of 6 words: three inside, the rest past it.
+        let text = (0..4)
+            .map(|s| {
+                (0..6)
+                    .map(|w| format!("s{s}w{w}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + "."
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let windows = Some(WindowSpec {
+            tokens: 8,
+            stride: 6,
+        });
+        let out = embedder
+            .embed(Arc::new(vec![text.clone()]), windows)
+            .await
+            .unwrap();
+        let emb = &out.texts[0];
+        assert_eq!(emb.pieces.len(), 5, "the whole text and four sentences");
+        for piece in &emb.pieces {
+            assert_eq!(piece.vector, fake_vector(&text[piece.start..piece.end]));
+        }
+        // One row for the whole text (its window holds the first sentence), one per
+        // sentence past the window; no row for the sentence inside it.
+        let whole = &text[emb.pieces[0].start..emb.pieces[0].end];
+        let rows: Vec<String> = calls.lock().unwrap().concat();
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert!(rows.iter().any(|r| r == whole));
+        let first = &text[emb.pieces[1].start..emb.pieces[1].end];
+        assert!(!rows.iter().any(|r| r == first), "{rows:?}");
     }
 
     #[tokio::test]

@@ -37,6 +37,7 @@ fn model() -> ModelInfo {
         prefix: String::new(),
         dim: 3,
         neighbour_dims: None,
+        spans: false,
         licence: String::new(),
     }
 }
