@@ -133,9 +133,21 @@ pub trait Backend: Send + 'static {
     /// Only a backend that [`Backend::pools_spans`] is given spans; the others embed each
     /// row's text.
     fn embed_rows(&mut self, rows: &[Row]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
-        let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
-        Ok(self.embed(&texts)?.into_iter().map(|v| vec![v]).collect())
+        embed_rows_alone(self, rows)
     }
+}
+
+/// [`Backend::embed_rows`] for a backend without spans: each row's text, one vector each.
+fn embed_rows_alone<B: Backend + ?Sized>(
+    backend: &mut B,
+    rows: &[Row],
+) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+    let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
+    Ok(backend
+        .embed(&texts)?
+        .into_iter()
+        .map(|v| vec![v])
+        .collect())
 }
 
 /// Dot product of two equally long vectors (cosine for unit vectors).

@@ -163,10 +163,7 @@ impl Backend for OnnxBackend {
     fn embed_rows(&mut self, rows: &[Row]) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
         match &mut self.model {
             Runner::Spans(model) => model.embed(rows),
-            Runner::Fastembed(_) => {
-                let texts: Vec<&str> = rows.iter().map(|r| r.text).collect();
-                Ok(self.embed(&texts)?.into_iter().map(|v| vec![v]).collect())
-            }
+            Runner::Fastembed(_) => super::embed_rows_alone(self, rows),
         }
     }
 

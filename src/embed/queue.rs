@@ -157,7 +157,6 @@ struct Worker<B> {
     config: QueueConfig,
     /// Text tokens that fit the model window (window minus specials and prefix).
     capacity: usize,
-    pools_spans: bool,
 }
 
 impl<B: Backend> Worker<B> {
@@ -173,7 +172,6 @@ impl<B: Backend> Worker<B> {
         };
         let capacity = info.max_tokens.saturating_sub(2 + prefix_tokens).max(1);
         Self {
-            pools_spans: backend.pools_spans(),
             backend,
             config,
             capacity,
@@ -312,7 +310,7 @@ impl<B: Backend> Worker<B> {
                 .iter()
                 .enumerate()
                 .map(|(p, w)| {
-                    if p > 0 && self.pools_spans && w.end <= whole_end {
+                    if p > 0 && self.backend.pools_spans() && w.end <= whole_end {
                         let row = &mut slots[whole_slot];
                         row.span_pieces.push(p);
                         row.spans.push((w.start - row.start, w.end - row.start));
