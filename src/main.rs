@@ -72,9 +72,17 @@ enum Command {
     /// kind, category, source) with grouped 5-fold cross-validation; writes report.json and
     /// report.png into --out and prints a summary.
     Bench {
-        /// Labelled data, e.g. ../shared/bench/dev.jsonl.
+        /// Labelled data, e.g. ../shared/bench/dev.jsonl; repeatable: the first file gives
+        /// the headline figures, each further one its own.
+        #[arg(long, value_name = "FILE", required = true)]
+        data: Vec<PathBuf>,
+        /// Ordinary traffic (JSONL of the same format, every item ok); repeatable. Its
+        /// false-alarm rate is reported per language, kind and source.
         #[arg(long, value_name = "FILE")]
-        data: PathBuf,
+        ordinary: Vec<PathBuf>,
+        /// Items of each ordinary source the heads are fitted on, at most (as calibrate's).
+        #[arg(long, value_name = "N", default_value_t = charter::quality::ORDINARY_FIT_PER_SOURCE)]
+        ordinary_fit: usize,
         /// Constitution id (default: constitutions.default).
         #[arg(long)]
         constitution: Option<String>,
@@ -93,9 +101,27 @@ enum Command {
         /// Constitution id (default: constitutions.default).
         #[arg(long)]
         constitution: Option<String>,
-        /// Labelled data (the `bench` format).
+        /// Labelled data (the `bench` format); repeatable.
+        #[arg(long, value_name = "FILE", required = true)]
+        data: Vec<PathBuf>,
+        /// Ordinary traffic (every item ok), negatives of the heads' fit; repeatable.
         #[arg(long, value_name = "FILE")]
-        data: PathBuf,
+        ordinary: Vec<PathBuf>,
+        /// Items of each ordinary source the heads are fitted on, at most (a stable sample
+        /// of whole groups); the rest are only scored.
+        #[arg(long, value_name = "N", default_value_t = charter::quality::ORDINARY_FIT_PER_SOURCE)]
+        ordinary_fit: usize,
+        /// With --ordinary: raise the threshold until at most this share of the ordinary
+        /// items fail out of fold (the recall it leaves is printed).
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_ordinary_fpr: Option<f64>,
+        /// Sample weight of ordinary items in the heads' fit.
+        #[arg(long, value_name = "W", default_value_t = 1.0, value_parser = parse_weight)]
+        ordinary_weight: f64,
+        /// Also write every item's out-of-fold margins here (the `items.jsonl` format of
+        /// bench; thresholds are the fitted ones, so rates read off it are in-sample).
+        #[arg(long, value_name = "FILE")]
+        oof_items: Option<PathBuf>,
         /// f1 (best F1), fpr=RATE (highest recall at most this false-positive rate) or
         /// recall=RATE (highest threshold reaching this recall).
         #[arg(long, default_value = "recall=0.79")]
@@ -191,17 +217,27 @@ fn main() -> ExitCode {
         ),
         Command::Bench {
             data,
+            ordinary,
+            ordinary_fit,
             constitution,
             out,
             config,
         } => with_config(
             config.as_deref(),
             |_| Ok(()),
-            |config| runtime().block_on(bench(config, data, constitution, out)),
+            |config| {
+                let files = (data, ordinary, ordinary_fit);
+                runtime().block_on(bench(config, files, constitution, out))
+            },
         ),
         Command::Calibrate {
             constitution,
             data,
+            ordinary,
+            ordinary_fit,
+            max_ordinary_fpr,
+            ordinary_weight,
+            oof_items,
             target,
             scorer,
             scary_weight,
@@ -214,8 +250,12 @@ fn main() -> ExitCode {
                     target,
                     heads: scorer == "head",
                     scary_weights: scary_weight,
+                    ordinary_weight,
+                    max_ordinary_fpr,
+                    oof_items,
                 };
-                runtime().block_on(calibrate(config, data, constitution, options))
+                let files = (data, ordinary, ordinary_fit);
+                runtime().block_on(calibrate(config, files, constitution, options))
             },
         ),
     }
@@ -239,12 +279,32 @@ fn with_config(
     run(config)
 }
 
+/// Labelled files, then ordinary-traffic files and how many items of each of its sources
+/// are fitted on.
+type DataFiles = (Vec<PathBuf>, Vec<PathBuf>, usize);
+
+/// A rate in [0, 1).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a rate from 0 to below 1")),
+    }
+}
+
+/// A positive, finite weight.
+fn parse_weight(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
 /// Reads labelled data and loads the engine; errors are printed.
 async fn load_labelled(
     config: &Config,
-    data: &Path,
+    (labelled, ordinary, fit): &DataFiles,
 ) -> Result<(charter::quality::Data, Arc<Engine>), ExitCode> {
-    let data = charter::quality::Data::read(data).map_err(|e| {
+    let data = charter::quality::Data::read_all(labelled, ordinary, *fit).map_err(|e| {
         eprintln!("charter: {e}");
         ExitCode::from(2)
     })?;
@@ -257,7 +317,7 @@ async fn load_labelled(
 
 async fn bench(
     config: Config,
-    data: PathBuf,
+    data: DataFiles,
     constitution: Option<String>,
     out: PathBuf,
 ) -> ExitCode {
@@ -285,7 +345,7 @@ async fn bench(
 
 async fn calibrate(
     config: Config,
-    data: PathBuf,
+    data: DataFiles,
     constitution: Option<String>,
     options: charter::quality::CalibrateOptions,
 ) -> ExitCode {
@@ -315,6 +375,9 @@ async fn calibrate(
                 "out-of-fold recall {:.3}, FPR {:.3}, safe-but-scary FPR {:.3}",
                 c.recall, c.fpr, c.scary_fpr
             );
+            for (lang, fpr, n) in &c.ordinary_fpr {
+                println!("ordinary traffic {lang:<40} {n:>6} items: false alarms {fpr:.4}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -401,6 +464,21 @@ fn check(files: &[PathBuf]) -> ExitCode {
                         format!(" (calibrated for {})", models.join(", "))
                     }
                 );
+                let mut models: Vec<&str> =
+                    c.calibrations.iter().map(|c| c.model.as_str()).collect();
+                if models.is_empty() {
+                    models.push("any model");
+                }
+                for model in models {
+                    let silent = c.silent_rules(model);
+                    if !silent.is_empty() {
+                        println!(
+                            "{}: warning: with {model}, these rules can never be violated: {}",
+                            file.display(),
+                            silent.join(", ")
+                        );
+                    }
+                }
             }
             Err(errors) => {
                 ok = false;

@@ -7,7 +7,12 @@ origin as `"source": "dev:<id>"` (the datasets behind the ids, and their licence
 NOTICE); `charter bench` uses that id to keep an item's own group out of the exemplars
 it is scored against (grouped cross-validation).
 
+The `neutrality` rule has no items in dev.jsonl; its exemplars come from the team's own
+labelled set bench/neutrality.jsonl (violations are the rule's violating exemplars, ok items
+its own compliant ones), with `"source": "item:<id>"`, which bench treats as `dev:`.
+
 usage: python3 tools/make_default_constitution.py [--dev ../shared/bench/dev.jsonl]
+                                                  [--neutrality bench/neutrality.jsonl]
 """
 import argparse
 import json
@@ -30,6 +35,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dev", default=os.path.join(root, "..", "shared", "bench", "dev.jsonl"))
+    ap.add_argument("--neutrality", default=os.path.join(root, "bench", "neutrality.jsonl"))
     ap.add_argument("--out", default=os.path.join(root, "constitution", "default"))
     args = ap.parse_args()
 
@@ -45,6 +51,15 @@ def main():
                 files["compliant"].append(dict(entry, label="compliant"))
             else:
                 files[RULE_OF_CATEGORY[item["category"]]].append(dict(entry, label="violating"))
+    files["neutrality"] = []
+    with open(args.neutrality, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            label = "violating" if item["label"] == "violation" else "compliant"
+            files["neutrality"].append({"text": item["text"], "label": label,
+                                        "lang": item["lang"], "source": f"item:{item['id']}"})
     os.makedirs(args.out, exist_ok=True)
     for name, entries in files.items():
         path = os.path.join(args.out, f"{name}.jsonl")

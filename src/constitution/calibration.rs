@@ -33,6 +33,13 @@ pub struct Calibration {
     /// the weight of files written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scary_weight: Option<f64>,
+    /// With heads fitted on ordinary traffic too: the sample weight of its items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordinary_weight: Option<f64>,
+    /// The bound on the false-alarm rate on ordinary traffic the threshold was raised to
+    /// meet (out of fold), when one was set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ordinary_fpr: Option<f64>,
     /// With `model.ensemble`: the threshold on the two models' mean margin, fitted when
     /// this model and `with` were calibrated together.
     #[serde(default, skip_serializing_if = "Option::is_none")]

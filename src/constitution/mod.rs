@@ -151,6 +151,23 @@ impl Constitution {
         self.calibrations.iter().find(|c| c.model == model)
     }
 
+    /// Rules that can never be violated when `model` scores: rules without violating
+    /// exemplars, and, when its calibration has heads, rules it fitted no head for (no
+    /// labelled violations of their category).
+    pub fn silent_rules(&self, model: &str) -> Vec<&str> {
+        let heads = self
+            .calibration(model)
+            .filter(|c| c.rules.values().any(|r| r.head.is_some()));
+        self.rules
+            .iter()
+            .filter(|rule| {
+                rule.violating.is_empty()
+                    || heads.is_some_and(|c| c.rules.get(&rule.id).is_none_or(|r| r.head.is_none()))
+            })
+            .map(|rule| rule.id.as_str())
+            .collect()
+    }
+
     /// The threshold on the mean margin of an ensemble of `model` and `with`, when the two
     /// were calibrated together and `with`'s calibration is still the one they used.
     pub fn ensemble_threshold(&self, model: &str, with: &str) -> Option<f32> {

@@ -60,8 +60,12 @@ pub struct TrainingSet<'a> {
     /// is a violation of no rule this constitution has (left out of every head).
     pub violates: Vec<Option<Vec<usize>>>,
     pub scary: Vec<bool>,
+    /// Per item: ordinary traffic (everyday text, an ok item).
+    pub ordinary: Vec<bool>,
     /// Sample weight of the scary ok items (others weigh 1).
     pub scary_weight: f64,
+    /// Sample weight of the ordinary items.
+    pub ordinary_weight: f64,
 }
 
 fn mean_sd(rows: &[&[f32]], dim: usize) -> (Vec<f64>, Vec<f64>) {
@@ -110,7 +114,13 @@ pub fn fit(set: &TrainingSet, rules: usize) -> Vec<Option<LinearHead>> {
                 if v.is_empty() {
                     rows.push(i);
                     y.push(false);
-                    w.push(if set.scary[i] { set.scary_weight } else { 1.0 });
+                    w.push(if set.scary[i] {
+                        set.scary_weight
+                    } else if set.ordinary[i] {
+                        set.ordinary_weight
+                    } else {
+                        1.0
+                    });
                 } else if v.contains(&r) {
                     rows.push(i);
                     y.push(true);
@@ -396,7 +406,9 @@ mod tests {
             knn: knn.clone(),
             violates,
             scary: vec![false; 60],
+            ordinary: vec![false; 60],
             scary_weight: SCARY_WEIGHT,
+            ordinary_weight: 1.0,
         };
         let heads = fit(&set, 2);
         let h0 = heads[0].as_ref().unwrap();

@@ -294,6 +294,19 @@ impl Index {
         self.heads.is_some()
     }
 
+    /// Whether rule `r` can ever be violated: with heads in force, only a rule with a head
+    /// (a rule without one scores [`NO_HEAD_LOGIT`]); without, a rule with violating
+    /// exemplars.
+    pub fn can_fire(&self, r: usize) -> bool {
+        match &self.heads {
+            Some(h) => h.heads.get(r).is_some_and(Option::is_some),
+            None => self
+                .rules
+                .get(r)
+                .is_some_and(|rule| !rule.violating.is_empty()),
+        }
+    }
+
     /// How far a long text's sentence piece must score above the threshold to count.
     pub fn piece_margin(&self) -> f32 {
         self.heads.as_ref().map_or(0.0, |h| h.piece_margin)

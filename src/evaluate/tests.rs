@@ -206,6 +206,8 @@ fn calibrated_index(exemplars: Option<String>) -> Index {
         exemplars: Some(exemplars.unwrap_or_else(|| Index::exemplar_set_hash(&constitution))),
         piece_margin: Some(1.0),
         scary_weight: None,
+        ordinary_weight: None,
+        max_ordinary_fpr: None,
         ensemble: None,
         rules: [
             (

@@ -20,6 +20,9 @@ pub struct Summary {
     pub exemplars: usize,
     /// Calibrated for the model that scores (with an ensemble: both models and the pair).
     pub calibrated: bool,
+    /// Rules that can never be violated with the loaded model (no violating exemplars, or
+    /// no learned head while the others have one).
+    pub cannot_fire: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +37,8 @@ pub struct RuleView {
     pub threshold: f32,
     pub violating_examples: usize,
     pub compliant_examples: usize,
+    /// False when the rule can never be violated with the loaded model.
+    pub can_fire: bool,
     pub critique: String,
     pub revision: String,
 }
@@ -62,6 +67,10 @@ fn summary(engine: &Engine, index: &Index) -> Summary {
         rules: c.rules.len(),
         exemplars: index.len(),
         calibrated,
+        cannot_fire: (0..index.rules().len())
+            .filter(|&r| !index.can_fire(r))
+            .map(|r| index.rules()[r].id.clone())
+            .collect(),
     }
 }
 
@@ -95,7 +104,8 @@ pub async fn get(
         .rules
         .iter()
         .zip(index.rules())
-        .map(|(rule, indexed)| RuleView {
+        .enumerate()
+        .map(|(r, (rule, indexed))| RuleView {
             id: rule.id.clone(),
             category: rule.category.clone(),
             principle: rule.principle.clone(),
@@ -104,6 +114,7 @@ pub async fn get(
             threshold: pair.unwrap_or(indexed.threshold),
             violating_examples: rule.violating.len(),
             compliant_examples: rule.compliant.len(),
+            can_fire: index.can_fire(r),
             critique: rule.critique.clone(),
             revision: rule.revision.clone(),
         })

@@ -46,7 +46,22 @@ pub struct HeadCv<'a> {
     /// Per item: the rules it violates (empty when ok), `None` for a violation of a
     /// category no rule has.
     violates: Vec<Option<Vec<usize>>>,
-    scary_weight: f64,
+    params: FitParams,
+}
+
+/// How heads and their shared threshold are fitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FitParams {
+    /// The operating point on the labelled items' whole-text logits.
+    pub target: Target,
+    /// Sample weight of safe-but-scary ok items.
+    pub scary_weight: f64,
+    /// Sample weight of ordinary-traffic items.
+    pub ordinary_weight: f64,
+    /// Raise the threshold until at most this share of the ordinary items of each
+    /// language fail, and twice it of the hard ones (refusals) (out of fold, pieces
+    /// counted as served).
+    pub max_ordinary_fpr: Option<f64>,
 }
 
 impl<'a> HeadCv<'a> {
@@ -55,7 +70,7 @@ impl<'a> HeadCv<'a> {
         items: &'a [Item],
         embedded: &'a Embedded,
         folds: usize,
-        scary_weight: f64,
+        params: FitParams,
     ) -> Self {
         let groups = row_groups(index.constitution());
         let mut rows_of_group: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -93,7 +108,7 @@ impl<'a> HeadCv<'a> {
             fold: items.iter().map(|i| fold_of(i.group(), folds)).collect(),
             folds,
             violates,
-            scary_weight,
+            params,
         }
     }
 
@@ -115,7 +130,7 @@ impl<'a> HeadCv<'a> {
     /// Fits heads on the items outside the `held` folds.
     pub fn fit(&self, held: &[usize]) -> Vec<Option<LinearHead>> {
         let train: Vec<usize> = (0..self.items.len())
-            .filter(|&i| !held.contains(&self.fold[i]))
+            .filter(|&i| self.items[i].fit && !held.contains(&self.fold[i]))
             .collect();
         let knn = train
             .iter()
@@ -133,7 +148,9 @@ impl<'a> HeadCv<'a> {
             knn,
             violates: train.iter().map(|&i| self.violates[i].clone()).collect(),
             scary: train.iter().map(|&i| self.items[i].scary()).collect(),
-            scary_weight: self.scary_weight,
+            ordinary: train.iter().map(|&i| self.items[i].ordinary).collect(),
+            scary_weight: self.params.scary_weight,
+            ordinary_weight: self.params.ordinary_weight,
         };
         head::fit(&set, self.index.rules().len())
     }
@@ -186,40 +203,79 @@ impl<'a> HeadCv<'a> {
         out
     }
 
-    /// The shared threshold (aimed at `target` on whole-text logits) and the sentence
-    /// margin (the 99th percentile of ok items' piece logits above it) from scores.
-    pub fn threshold_and_margin(
-        &self,
-        scored: &[(usize, Scored)],
-        target: Target,
-    ) -> Option<(f32, f32)> {
-        let scores: Vec<Vec<f32>> = scored.iter().map(|(_, s)| s.whole.clone()).collect();
-        let positive: Vec<bool> = scored
+    /// The shared threshold and the sentence margin, from out-of-fold scores. The
+    /// threshold is aimed at the target on the labelled items' whole-text logits; the
+    /// margin is what keeps a piece of a long text from failing it unless the piece scores
+    /// above the 99th percentile of ok items' pieces. With a bound on ordinary false alarms,
+    /// the threshold is then raised until at most that share of the ordinary items fail as
+    /// served (whole text or a piece); raising it never lowers the pieces' bar.
+    pub fn threshold_and_margin(&self, scored: &[(usize, Scored)]) -> Option<(f32, f32)> {
+        let labelled: Vec<&(usize, Scored)> = scored
+            .iter()
+            .filter(|(i, _)| !self.items[*i].ordinary)
+            .collect();
+        let scores: Vec<Vec<f32>> = labelled.iter().map(|(_, s)| s.whole.clone()).collect();
+        let positive: Vec<bool> = labelled
             .iter()
             .map(|(i, _)| self.items[*i].violation())
             .collect();
-        let t = fit_shared_threshold(&scores, &positive, target)?;
+        let t0 = fit_shared_threshold(&scores, &positive, self.params.target)?;
         let mut benign: Vec<f32> = scored
             .iter()
             .filter(|(i, _)| !self.items[*i].violation())
             .flat_map(|(_, s)| s.pieces.iter().map(|p| largest(p)))
             .collect();
         benign.sort_by(f32::total_cmp);
-        let margin = if benign.is_empty() {
-            0.0
+        let p99 = if benign.is_empty() {
+            f32::NEG_INFINITY
         } else {
-            (benign[((benign.len() - 1) as f64 * 0.99).round() as usize] - t).max(0.0)
+            benign[((benign.len() - 1) as f64 * 0.99).round() as usize]
         };
-        Some((t, margin))
+        let margin_at = |t: f32| (p99 - t).max(0.0);
+        let mut t = t0;
+        if let Some(bound) = self.params.max_ordinary_fpr {
+            // Served at threshold t, a piece fails above max(t, p99): an item fails at t
+            // exactly when this risk is above t.
+            // The bound holds in every language on its own, and twice the bound for the
+            // hard ordinary items together (refusals: compliant answers that name what
+            // they refuse, the guide's 1% and 2%).
+            let mut by_lang: HashMap<&str, Vec<f32>> = HashMap::new();
+            let mut hard: Vec<f32> = Vec::new();
+            for (i, s) in scored.iter().filter(|(i, _)| self.items[*i].ordinary) {
+                let risk = s
+                    .pieces
+                    .iter()
+                    .map(|p| largest(p))
+                    .filter(|&p| p > p99)
+                    .fold(largest(&s.whole), f32::max);
+                by_lang
+                    .entry(self.items[*i].lang.as_str())
+                    .or_default()
+                    .push(risk);
+                if self.items[*i].scary() {
+                    hard.push(risk);
+                }
+            }
+            let bounds = by_lang
+                .values()
+                .map(|r| (r, bound))
+                .chain(std::iter::once((&hard, 2.0 * bound)));
+            for (risks, bound) in bounds {
+                if let Some(t_ord) = bound_threshold(risks, bound) {
+                    t = t.max(t_ord);
+                }
+            }
+        }
+        Some((t, margin_at(t)))
     }
 
     /// Outer fold `f` of the grouped CV: heads fitted on the other folds, threshold and
     /// sentence margin from their inner out-of-fold scores. Returns the margins (per rule)
     /// of the other folds' items (inner out-of-fold, what the threshold was fitted on) and
     /// of fold `f`'s items, each as (item, margins).
-    pub fn fold_margins(&self, f: usize, target: Target) -> Option<FoldMargins> {
+    pub fn fold_margins(&self, f: usize) -> Option<FoldMargins> {
         let inner = self.oof(&[f]);
-        let (t, margin) = self.threshold_and_margin(&inner, target)?;
+        let (t, margin) = self.threshold_and_margin(&inner)?;
         let heads = self.fit(&[f]);
         let idx: Vec<usize> = (0..self.items.len())
             .filter(|&i| self.fold[i] == f)
@@ -243,4 +299,34 @@ impl<'a> HeadCv<'a> {
 pub struct FoldMargins {
     pub inner: Vec<(usize, Vec<f32>)>,
     pub outer: Vec<(usize, Vec<f32>)>,
+}
+
+/// The lowest threshold at which at most `bound` of `risks` lie above it (`risk > t`
+/// fails); `None` without risks.
+pub fn bound_threshold(risks: &[f32], bound: f64) -> Option<f32> {
+    if risks.is_empty() {
+        return None;
+    }
+    let mut sorted = risks.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let allowed = (bound * sorted.len() as f64).floor() as usize;
+    Some(sorted[allowed.min(sorted.len() - 1)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bound_threshold;
+
+    #[test]
+    fn bound_threshold_lets_at_most_the_bound_through() {
+        let risks: Vec<f32> = (0..200).map(|i| i as f32).collect();
+        let t = bound_threshold(&risks, 0.01).unwrap();
+        assert_eq!(risks.iter().filter(|&&r| r > t).count(), 2);
+        let t = bound_threshold(&risks, 0.0).unwrap();
+        assert_eq!(risks.iter().filter(|&&r| r > t).count(), 0);
+        // Ties at the cut are not let through.
+        let t = bound_threshold(&[1.0, 1.0, 1.0, 0.0], 0.3).unwrap();
+        assert_eq!(t, 1.0);
+        assert_eq!(bound_threshold(&[], 0.1), None);
+    }
 }

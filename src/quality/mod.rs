@@ -11,6 +11,7 @@
 //! fold f, and every fitted parameter it is judged by (thresholds, heads) is fitted on the
 //! other folds only.
 
+mod data;
 mod heads;
 mod plot;
 pub mod report;
@@ -20,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::constitution::{self, Calibration, Constitution, EnsembleCalibration, RuleCalibration};
@@ -29,6 +29,8 @@ use crate::engine::{Engine, EngineError};
 use crate::evaluate::metrics::{fit_threshold, Target};
 use crate::evaluate::{self, Index, Similarities};
 
+pub use data::{fold_of, group_of, Data, DataFile, Item, ORDINARY_FIT_PER_SOURCE};
+pub use heads::FitParams;
 pub use report::Report;
 
 /// Folds of the grouped cross-validation.
@@ -55,108 +57,8 @@ pub enum QualityError {
     Engine(#[from] EngineError),
 }
 
-/// One labelled item.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Item {
-    pub id: String,
-    pub text: String,
-    /// `violation` or `ok`.
-    pub label: String,
-    #[serde(default)]
-    pub lang: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub category: String,
-    #[serde(default)]
-    pub source: String,
-}
-
-impl Item {
-    pub fn violation(&self) -> bool {
-        self.label == "violation"
-    }
-
-    /// The group: items that share it are variants of one text (the id before `#`).
-    pub fn group(&self) -> &str {
-        group_of(&self.id)
-    }
-
-    /// Safe-but-scary: an ok item from XSTest (safe prompts, refusals, safe completions) or
-    /// an anti-bias comment, the texts a guard most easily flags wrongly.
-    pub fn scary(&self) -> bool {
-        !self.violation() && (self.id.contains("xstest") || self.id.contains("antibias"))
-    }
-}
-
-pub fn group_of(id: &str) -> &str {
-    id.split('#').next().unwrap_or(id)
-}
-
-/// The fold of a group: stable across runs and machines (sha256 of the group).
-pub fn fold_of(group: &str, folds: usize) -> usize {
-    let h = Sha256::digest(group.as_bytes());
-    (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize) % folds
-}
-
-/// A labelled data file and its sha256.
-pub struct Data {
-    pub path: PathBuf,
-    pub sha256: String,
-    pub items: Vec<Item>,
-}
-
-impl Data {
-    pub fn read(path: &Path) -> Result<Self, QualityError> {
-        let bytes = std::fs::read(path).map_err(|source| QualityError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let text = String::from_utf8_lossy(&bytes);
-        let mut items = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let err = |message: String| QualityError::Data {
-                path: path.to_path_buf(),
-                line: n + 1,
-                message,
-            };
-            let item: Item = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
-            if item.label != "violation" && item.label != "ok" {
-                return Err(err(format!(
-                    "label {:?} is neither \"violation\" nor \"ok\"",
-                    item.label
-                )));
-            }
-            if item.text.trim().is_empty() {
-                return Err(err("empty text".into()));
-            }
-            items.push(item);
-        }
-        if !items.iter().any(Item::violation) || items.iter().all(Item::violation) {
-            return Err(QualityError::Invalid(format!(
-                "{} needs both violation and ok items",
-                path.display()
-            )));
-        }
-        Ok(Self {
-            path: path.to_path_buf(),
-            sha256,
-            items,
-        })
-    }
-
-    /// `path sha256=…`, as recorded in a calibration file.
-    pub fn describe(&self) -> String {
-        format!("{} sha256={}", self.path.display(), self.sha256)
-    }
-}
-
 /// Per exemplar row of an index (in [`Index::exemplar_texts`] order), the groups of the
-/// labelled items it was taken from (`source = "dev:<id>"`).
+/// labelled items it was taken from (`source = "dev:<id>"` or `"item:<id>"`).
 pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
     let texts = Index::exemplar_texts(constitution);
     let row: HashMap<&str, usize> = texts
@@ -169,7 +71,7 @@ pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
         if let Some(id) = example
             .source
             .as_deref()
-            .and_then(|s| s.strip_prefix("dev:"))
+            .and_then(|s| s.strip_prefix("dev:").or_else(|| s.strip_prefix("item:")))
         {
             groups[row[example.text.as_str()]].push(group_of(id).to_string());
         }
@@ -422,12 +324,17 @@ pub fn member_cv(
     let mut test = vec![Vec::new(); items.len()];
     let mut train = vec![vec![Vec::new(); items.len()]; folds];
     if index.has_heads() {
-        let weight = calibration
-            .scary_weight
-            .unwrap_or(crate::evaluate::head::LEGACY_SCARY_WEIGHT);
-        let cv = heads::HeadCv::new(index, items, embedded, folds, weight);
+        let params = FitParams {
+            target,
+            scary_weight: calibration
+                .scary_weight
+                .unwrap_or(crate::evaluate::head::LEGACY_SCARY_WEIGHT),
+            ordinary_weight: calibration.ordinary_weight.unwrap_or(1.0),
+            max_ordinary_fpr: calibration.max_ordinary_fpr,
+        };
+        let cv = heads::HeadCv::new(index, items, embedded, folds, params);
         for (f, train) in train.iter_mut().enumerate() {
-            let m = cv.fold_margins(f, target).ok_or_else(|| lacking(f))?;
+            let m = cv.fold_margins(f).ok_or_else(|| lacking(f))?;
             for (i, margins) in m.inner {
                 train[i] = margins;
             }
@@ -596,8 +503,10 @@ pub async fn bench(
         }
     };
     let risks: Vec<f32> = margins.iter().map(|m| largest(m)).collect();
-    let (auc, at_thresholds) = report::metrics(items, &risks);
     let rules: Vec<&str> = index.rules().iter().map(|r| r.id.as_str()).collect();
+    let primary = data.primary_set();
+    let (auc, at_thresholds, other_sets, ordinary) =
+        report::all_metrics(items, &risks, &margins, &rules, &primary);
     // One model: its margins were moved out of `cvs` and are `margins` themselves.
     let models: Vec<(&str, &[Vec<f32>])> = members
         .iter()
@@ -609,13 +518,20 @@ pub async fn bench(
     let secs = embed_secs + score_secs;
     let c = index.constitution();
     let report = Report {
-        data: report::DataInfo {
-            path: data.path.display().to_string(),
-            sha256: data.sha256.clone(),
-            items: items.len(),
-            violations: items.iter().filter(|i| i.violation()).count(),
-            ok: items.iter().filter(|i| !i.violation()).count(),
-            scary: items.iter().filter(|i| i.scary()).count(),
+        data: {
+            let main: Vec<&Item> = items
+                .iter()
+                .filter(|i| !i.ordinary && i.set == primary)
+                .collect();
+            report::DataInfo {
+                files: data.files.clone(),
+                path: data.files[0].path.display().to_string(),
+                sha256: data.files[0].sha256.clone(),
+                items: main.len(),
+                violations: main.iter().filter(|i| i.violation()).count(),
+                ok: main.iter().filter(|i| !i.violation()).count(),
+                scary: main.iter().filter(|i| i.scary()).count(),
+            }
         },
         constitution: c.id.clone(),
         version: c.version.clone(),
@@ -631,6 +547,8 @@ pub async fn bench(
         thresholds: sources.join("; "),
         auc,
         at_thresholds,
+        other_sets,
+        ordinary,
         throughput: report::Throughput {
             texts: items.len(),
             embed_secs,
@@ -690,6 +608,9 @@ pub struct Calibrated {
     pub recall: f64,
     pub fpr: f64,
     pub scary_fpr: f64,
+    /// Ordinary traffic per language, per `lang/kind` and per `file source`: its
+    /// out-of-fold false-alarm rate and item count.
+    pub ordinary_fpr: Vec<(String, f64, usize)>,
 }
 
 /// What `charter calibrate` fits, and how.
@@ -700,6 +621,12 @@ pub struct CalibrateOptions {
     pub heads: bool,
     /// Sample weight of safe-but-scary ok items in the heads' fit, per model.
     pub scary_weights: ScaryWeights,
+    /// Sample weight of ordinary-traffic items in the heads' fit.
+    pub ordinary_weight: f64,
+    /// With ordinary traffic: raise the threshold until at most this share of it fails.
+    pub max_ordinary_fpr: Option<f64>,
+    /// Where to write every item's out-of-fold margins (the `items.jsonl` format).
+    pub oof_items: Option<PathBuf>,
 }
 
 /// Sample weights of safe-but-scary ok items, per model: `W` for every model, or
@@ -775,12 +702,16 @@ fn fit_member(
     let lacking =
         || QualityError::Invalid("the data (or a fold of it) lacks one of the labels".into());
     let scary_weight = options.scary_weights.for_model(index.model());
+    let params = FitParams {
+        target,
+        scary_weight,
+        ordinary_weight: options.ordinary_weight,
+        max_ordinary_fpr: options.max_ordinary_fpr,
+    };
     let (oof, thresholds, fitted_heads, margin) = if options.heads {
-        let cv = heads::HeadCv::new(index, items, embedded, FOLDS, scary_weight);
+        let cv = heads::HeadCv::new(index, items, embedded, FOLDS, params);
         let scored = cv.oof(&[]);
-        let (t, margin) = cv
-            .threshold_and_margin(&scored, target)
-            .ok_or_else(lacking)?;
+        let (t, margin) = cv.threshold_and_margin(&scored).ok_or_else(lacking)?;
         let mut oof = vec![Vec::new(); items.len()];
         for (i, s) in &scored {
             oof[*i] = s.margins(t, margin);
@@ -810,6 +741,10 @@ fn fit_member(
         exemplars: with_heads.then(|| Index::exemplar_set_hash(index.constitution())),
         piece_margin: margin.filter(|_| with_heads),
         scary_weight: with_heads.then_some(scary_weight),
+        ordinary_weight: (with_heads && data.has_ordinary()).then_some(options.ordinary_weight),
+        max_ordinary_fpr: options
+            .max_ordinary_fpr
+            .filter(|_| with_heads && data.has_ordinary()),
         ensemble: None,
         rules: index
             .rules()
@@ -865,9 +800,44 @@ pub async fn calibrate(
     } else {
         (fits[0].oof.iter().map(|m| largest(m)).collect(), None)
     };
-    let c = crate::evaluate::metrics::Confusion::at(&risks, &positive, 0.0);
-    let scary: Vec<usize> = (0..items.len()).filter(|&i| items[i].scary()).collect();
+    let labelled: Vec<usize> = (0..items.len()).filter(|&i| !items[i].ordinary).collect();
+    let c = crate::evaluate::metrics::Confusion::at(
+        &labelled.iter().map(|&i| risks[i]).collect::<Vec<_>>(),
+        &labelled.iter().map(|&i| positive[i]).collect::<Vec<_>>(),
+        0.0,
+    );
+    let scary: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].scary() && !items[i].ordinary)
+        .collect();
     let scary_fp = scary.iter().filter(|&&i| risks[i] > 0.0).count();
+    let mut ordinary_fpr: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (item, &r) in items.iter().zip(&risks).filter(|(i, _)| i.ordinary) {
+        for key in [
+            item.lang.clone(),
+            format!("{}/{}", item.lang, item.kind),
+            format!("{} {}", item.set, item.source),
+        ] {
+            let e = ordinary_fpr.entry(key).or_default();
+            e.0 += usize::from(r > 0.0);
+            e.1 += 1;
+        }
+    }
+    if let Some(path) = &options.oof_items {
+        let rules: Vec<&str> = index.rules().iter().map(|r| r.id.as_str()).collect();
+        let margins: Vec<Vec<f32>> = match ensemble_threshold {
+            Some(_) => {
+                let oofs: Vec<&[Vec<f32>]> = fits.iter().map(|f| f.oof.as_slice()).collect();
+                mean_margins(&oofs)
+            }
+            None => fits[0].oof.clone(),
+        };
+        let lines = report::item_lines(items, &rules, &margins, &risks, &[])
+            .map_err(|e| QualityError::Invalid(format!("per-item lines: {e}")))?;
+        std::fs::write(path, lines).map_err(|e| QualityError::Write {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
     let mut files = Vec::new();
     for fit in fits {
         // After the first model's file is written, the second finds it taken.
@@ -886,6 +856,10 @@ pub async fn calibrate(
         recall: c.recall(),
         fpr: c.false_positive_rate(),
         scary_fpr: scary_fp as f64 / scary.len().max(1) as f64,
+        ordinary_fpr: ordinary_fpr
+            .into_iter()
+            .map(|(lang, (fp, n))| (lang, fp as f64 / n as f64, n))
+            .collect(),
     })
 }
 
@@ -947,6 +921,7 @@ mod tests {
             kind: String::new(),
             category: String::new(),
             source: String::new(),
+            ..Default::default()
         };
         let items = vec![item("a#1"), item("b")];
         let rows = vec![
@@ -978,6 +953,7 @@ mod tests {
             kind: "prompt".into(),
             category: String::new(),
             source: "s".into(),
+            ..Default::default()
         };
         let items = vec![item("xstest:1#a", "ok"), item("b", "violation")];
         let member = |test: Vec<Vec<f32>>| MemberCv {

@@ -99,6 +99,17 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         a.scary_false_positive_rate,
         report.throughput.texts_per_sec
     );
+    let figures = match &report.ordinary {
+        None => figures,
+        Some(o) => format!(
+            "{figures}   ordinary false alarms {:.3}{}",
+            o.false_positive_rate,
+            o.by_lang
+                .iter()
+                .map(|(k, a)| format!(" {k} {:.3}", a.false_positive_rate))
+                .collect::<String>()
+        ),
+    };
     top.draw_text(&title, &(FONT, 15).into_font().color(&BLACK), (12, 10))?;
     top.draw_text(&figures, &(FONT, 15).into_font().color(&BLACK), (12, 38))?;
     let panels = body.split_evenly((1, 2));
@@ -108,7 +119,7 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
     let hi = quantile(risks, 0.995).max(0.05);
     type Pick = Box<dyn Fn(&Item) -> bool>;
     type Series = (String, RGBColor, Vec<(f32, f32)>);
-    let classes: [(&str, RGBColor, Pick); 3] = [
+    let classes: [(&str, RGBColor, Pick); 4] = [
         (
             "violation",
             RGBColor(200, 30, 30),
@@ -117,12 +128,17 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         (
             "ok",
             RGBColor(30, 90, 200),
-            Box::new(|i| !i.violation() && !i.scary()),
+            Box::new(|i| !i.violation() && !i.scary() && !i.ordinary),
+        ),
+        (
+            "ordinary traffic",
+            RGBColor(30, 150, 60),
+            Box::new(|i| i.ordinary),
         ),
         (
             "ok, safe-but-scary",
             RGBColor(230, 140, 0),
-            Box::new(|i| i.scary()),
+            Box::new(|i| i.scary() && !i.ordinary),
         ),
     ];
     let series: Vec<Series> = classes
@@ -198,7 +214,19 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         vec![(0.0, 0.0), (1.0, 1.0)],
         RGBColor(180, 180, 180).stroke_width(1),
     ))?;
-    let positive: Vec<bool> = items.iter().map(Item::violation).collect();
+    // The headline items only: the first labelled file's (as the figures above).
+    let primary = std::path::Path::new(&report.data.path)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (items, risks): (Vec<&Item>, Vec<f32>) = items
+        .iter()
+        .zip(risks)
+        .filter(|(i, _)| !i.ordinary && i.set == primary)
+        .map(|(i, &r)| (i, r))
+        .unzip();
+    let risks = &risks[..];
+    let positive: Vec<bool> = items.iter().map(|i| i.violation()).collect();
     let mut curves = vec![("all".to_string(), risks.to_vec(), positive.clone())];
     let langs: std::collections::BTreeSet<&str> = items.iter().map(|i| i.lang.as_str()).collect();
     for lang in langs {

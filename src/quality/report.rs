@@ -23,13 +23,60 @@ pub struct Report {
     pub auc: Auc,
     /// Verdict `fail` counted as predicting a violation.
     pub at_thresholds: AtThresholds,
+    /// Further labelled files (by file stem): ROC-AUC and rates of each on its own.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub other_sets: BTreeMap<String, SetFigures>,
+    /// False alarms on ordinary traffic (`--ordinary` files), when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordinary: Option<Ordinary>,
     pub throughput: Throughput,
     pub date: String,
     pub machine: String,
 }
 
+/// A further labelled file's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetFigures {
+    pub auc: Option<f64>,
+    pub auc_by_lang: BTreeMap<String, Option<f64>>,
+    #[serde(flatten)]
+    pub rates: Rates,
+}
+
+/// False alarms on ordinary traffic: the share of its items whose verdict is fail.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ordinary {
+    pub items: usize,
+    pub false_positive_rate: f64,
+    pub by_lang: BTreeMap<String, Alarms>,
+    pub by_kind: BTreeMap<String, Alarms>,
+    /// `lang/kind`, e.g. `zh/response`.
+    pub by_lang_kind: BTreeMap<String, Alarms>,
+    pub by_source: BTreeMap<String, Alarms>,
+    /// Which rules the false alarms failed (an item may fail several).
+    pub by_rule: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Alarms {
+    pub items: usize,
+    pub failed: usize,
+    pub false_positive_rate: f64,
+}
+
+impl Alarms {
+    fn add(&mut self, failed: bool) {
+        self.items += 1;
+        self.failed += usize::from(failed);
+        self.false_positive_rate = self.failed as f64 / self.items as f64;
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DataInfo {
+    /// Every file read (labelled first, then ordinary).
+    pub files: Vec<super::DataFile>,
+    /// The first labelled file: the headline figures are its items'.
     pub path: String,
     pub sha256: String,
     pub items: usize,
@@ -128,6 +175,89 @@ fn slice_rates<'a>(
         .collect()
 }
 
+/// Everything a run measures: the headline figures over the first labelled file's
+/// items, each further labelled file on its own, and the ordinary traffic's false alarms.
+/// `margins[i]` are item i's per-rule margins (`rules` in order); `risks[i] > 0` exactly
+/// when its verdict is fail.
+pub fn all_metrics(
+    items: &[Item],
+    risks: &[f32],
+    margins: &[Vec<f32>],
+    rules: &[&str],
+    primary: &str,
+) -> (
+    Auc,
+    AtThresholds,
+    BTreeMap<String, SetFigures>,
+    Option<Ordinary>,
+) {
+    let pick = |keep: &dyn Fn(&Item) -> bool| -> (Vec<Item>, Vec<f32>) {
+        items
+            .iter()
+            .zip(risks)
+            .filter(|(i, _)| keep(i))
+            .map(|(i, &r)| (i.clone(), r))
+            .unzip()
+    };
+    let (main, main_risks) = pick(&|i| !i.ordinary && i.set == primary);
+    let (auc, at) = metrics(&main, &main_risks);
+    let sets: std::collections::BTreeSet<&str> = items
+        .iter()
+        .filter(|i| !i.ordinary && i.set != primary)
+        .map(|i| i.set.as_str())
+        .collect();
+    let mut other_sets = BTreeMap::new();
+    for set in sets {
+        let (its, rs) = pick(&|i| !i.ordinary && i.set == set);
+        let positive: Vec<bool> = its.iter().map(Item::violation).collect();
+        other_sets.insert(
+            set.to_string(),
+            SetFigures {
+                auc: roc_auc(&rs, &positive),
+                auc_by_lang: slice_auc(&its, &rs, |i| &i.lang),
+                rates: Confusion::at(&rs, &positive, 0.0).into(),
+            },
+        );
+    }
+    let mut ordinary: Option<Ordinary> = None;
+    for ((item, &r), m) in items.iter().zip(risks).zip(margins) {
+        if !item.ordinary {
+            continue;
+        }
+        let o = ordinary.get_or_insert_with(|| Ordinary {
+            items: 0,
+            false_positive_rate: 0.0,
+            by_lang: BTreeMap::new(),
+            by_kind: BTreeMap::new(),
+            by_lang_kind: BTreeMap::new(),
+            by_source: BTreeMap::new(),
+            by_rule: BTreeMap::new(),
+        });
+        let failed = r > 0.0;
+        o.by_lang.entry(item.lang.clone()).or_default().add(failed);
+        o.by_kind.entry(item.kind.clone()).or_default().add(failed);
+        o.by_lang_kind
+            .entry(format!("{}/{}", item.lang, item.kind))
+            .or_default()
+            .add(failed);
+        o.by_source
+            .entry(item.source.clone())
+            .or_default()
+            .add(failed);
+        o.items += 1;
+        for (rule, &x) in rules.iter().zip(m) {
+            if x > 0.0 {
+                *o.by_rule.entry(rule.to_string()).or_default() += 1;
+            }
+        }
+    }
+    if let Some(o) = &mut ordinary {
+        let failed: usize = o.by_lang.values().map(|a| a.failed).sum();
+        o.false_positive_rate = failed as f64 / o.items.max(1) as f64;
+    }
+    (auc, at, other_sets, ordinary)
+}
+
 /// The metrics of one run. `risks[i] > 0` exactly when item i's verdict is fail.
 pub fn metrics(items: &[Item], risks: &[f32]) -> (Auc, AtThresholds) {
     let positive: Vec<bool> = items.iter().map(Item::violation).collect();
@@ -222,6 +352,41 @@ impl Report {
             };
             out += &format!("\n  {k:<24} {}  {at}", fmt(*v));
         }
+        for (set, f) in &self.other_sets {
+            out += &format!(
+                "\nset {set}: ROC-AUC {}{}  recall {:.3}  FPR {:.3}",
+                fmt(f.auc),
+                f.auc_by_lang
+                    .iter()
+                    .map(|(k, v)| format!("  {k} {}", fmt(*v)))
+                    .collect::<String>(),
+                f.rates.recall,
+                f.rates.false_positive_rate
+            );
+        }
+        if let Some(o) = &self.ordinary {
+            out += &format!(
+                "\nordinary traffic: {} items, false alarms {:.4} ({} failed)",
+                o.items,
+                o.false_positive_rate,
+                o.by_lang.values().map(|a| a.failed).sum::<usize>()
+            );
+            for (name, slice) in [("lang/kind", &o.by_lang_kind), ("source", &o.by_source)] {
+                out += &format!("\n  by {name}:");
+                for (k, a) in slice {
+                    out += &format!(
+                        "\n    {k:<28} {:.4}  ({} of {})",
+                        a.false_positive_rate, a.failed, a.items
+                    );
+                }
+            }
+            if !o.by_rule.is_empty() {
+                out += "\n  failed rules:";
+                for (k, n) in &o.by_rule {
+                    out += &format!(" {k} {n}");
+                }
+            }
+        }
         out += &format!(
             "\nthroughput: {} texts in {:.1} s ({:.1} texts/s)",
             self.throughput.texts,
@@ -242,7 +407,11 @@ struct ItemLine<'a> {
     kind: &'a str,
     category: &'a str,
     source: &'a str,
+    /// The file the item came from (its stem).
+    set: &'a str,
     scary: bool,
+    /// From an ordinary-traffic file.
+    ordinary: bool,
     /// The fold the item was held out in (it saw no exemplars or fits of that fold).
     fold: usize,
     /// The largest margin: `> 0` exactly when the verdict is `fail`.
@@ -277,7 +446,9 @@ pub fn item_lines(
             kind: &item.kind,
             category: &item.category,
             source: &item.source,
+            set: &item.set,
             scary: item.scary(),
+            ordinary: item.ordinary,
             fold: super::fold_of(item.group(), super::FOLDS),
             risk,
             verdict: if risk > 0.0 { "fail" } else { "pass" },

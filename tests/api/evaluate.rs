@@ -295,7 +295,7 @@ async fn constitutions_are_listed_with_versions() {
         .find(|c| c["id"] == "default")
         .unwrap();
     assert_eq!(default["default"], true);
-    assert_eq!(default["rules"], 9);
+    assert_eq!(default["rules"], 8);
     let detail = common::get_json(server, "/v1/constitutions/default").await;
     assert_eq!(detail["version"], default["version"]);
     let rules = detail["rules"].as_array().unwrap();
@@ -303,7 +303,6 @@ async fn constitutions_are_listed_with_versions() {
     for id in [
         "harmful-content",
         "privacy",
-        "accuracy",
         "neutrality",
         "hate-harassment",
         "self-harm",
