@@ -7,8 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Kind;
-use crate::evaluate::{TextResult, Verdict};
+use crate::evaluate::{Kind, TextResult, Verdict};
 
 /// Where an evaluation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,12 +12,11 @@ use serde::Serialize;
 
 use super::error::AppError;
 use crate::audit::{RecordedRule, Source};
-use crate::engine::Kind;
-use crate::evaluate::Verdict;
+use crate::evaluate::{Kind, Verdict};
+use crate::state::AppState;
 use crate::store::query::{Bucket, Counts, Cursor, ListFilter, StatsBucket, StatsQuery};
 use crate::store::record::{parse_time, rfc3339, StoredEvaluation};
 use crate::store::Store;
-use crate::AppState;
 
 /// Page size when `limit` is absent, and the largest accepted.
 pub const DEFAULT_LIMIT: u32 = 50;
