@@ -4,7 +4,8 @@
 //!
 //! Upstream errors are *not* turned into `GatewayError`s: they reach the client unchanged
 //! (status, body, retry headers). These errors are the gateway's own: bad input, not
-//! ready, the model queue full, the upstream unreachable or silent.
+//! ready, the model queue full, the upstream unreachable or silent. Domain errors arrive as
+//! the engine's [`ErrorClass`], the same classes `http::error` renders in the API's shape.
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -3,8 +3,11 @@
 //! Policy: every error body has the shape
 //! `{"error": {"type": "...", "message": "...", "field": "..."?}}` with a stable,
 //! machine-readable `type` and, for bad input, the offending `field`. 4xx messages say
-//! what to fix. 5xx bodies stay generic; the detail goes to the log, once. The match over
-//! domain errors is exhaustive (no `_` arm), so a new variant forces a decision here.
+//! what to fix. 5xx bodies stay generic; the detail goes to the log, once. Domain errors
+//! arrive classified ([`ErrorClass`], shared with the gateway, which renders the same
+//! classes in the Anthropic shape); every match here is exhaustive (no `_` arm), so a new
+//! variant forces a decision. A retry delay comes with the error (the model queue sets
+//! it); nothing patches a response afterwards.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
