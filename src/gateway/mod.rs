@@ -41,12 +41,13 @@ use serde_json::{json, Value};
 
 use crate::audit::AuditSink;
 use crate::config::Config;
+use crate::constitution::ConstitutionRef;
 use crate::engine::{Engine, ErrorClass};
 use crate::evaluate::{Kind, Verdict};
 use crate::ids::{client_key_id, new_id, REQUEST_ID};
 
 use error::GatewayError;
-use messages::{ActionTaken, Charter, ConstitutionRef, RequestView, Usage};
+use messages::{ActionTaken, Charter, RequestView, Usage};
 use review::{Checked, Decision};
 use upstream::{Upstream, CONSTITUTION_HEADER};
 
@@ -279,11 +280,7 @@ fn select_constitution(
                 class.into()
             }
         })?;
-    let c = index.constitution();
-    Ok(ConstitutionRef {
-        id: c.id.clone(),
-        version: c.version.clone(),
-    })
+    Ok(index.constitution().reference())
 }
 
 /// Screens the last user turn (and the system prompt when configured). A prompt that

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{AuditRecord, Source};
+use crate::audit::{AuditRecord, Origin, Source};
 use crate::constitution::Action;
 use crate::engine::Engine;
 use crate::evaluate::{Index, Kind, TextResult, Verdict};
@@ -237,18 +237,17 @@ pub fn record(
     text: &str,
     context: serde_json::Value,
 ) {
-    gw.audit().record(AuditRecord::from_result(
-        id,
-        Source::Gateway,
+    let origin = Origin {
+        source: Source::Gateway,
         client_key_id,
-        checked.index.constitution(),
-        &checked.model,
+        constitution: checked.index.constitution(),
+        model: &checked.model,
         kind,
-        text,
-        &checked.result,
-        checked.latency_ms,
-        Some(context),
-    ));
+        latency_ms: checked.latency_ms,
+        context: Some(context),
+    };
+    gw.audit()
+        .record(AuditRecord::from_result(id, &origin, text, &checked.result));
 }
 
 #[cfg(test)]

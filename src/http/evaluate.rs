@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
 use super::extract::ApiJson;
-use crate::audit::{AuditRecord, Source};
+use crate::audit::{AuditRecord, Origin, Source};
+use crate::constitution::ConstitutionRef;
 use crate::engine::{Evaluation, Timings};
 use crate::evaluate::{Kind, RuleResult, TextResult, Verdict};
 use crate::ids::{client_key_id, new_id};
@@ -34,12 +35,6 @@ pub struct EvaluateRequest {
     /// Free-form metadata kept with the evaluation (not used in scoring).
     #[serde(default)]
     pub context: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ConstitutionRef {
-    pub id: String,
-    pub version: String,
 }
 
 /// One text's result, as returned in `results` of a batch.
@@ -182,10 +177,7 @@ pub fn response(
     EvaluateResponse {
         id,
         verdict,
-        constitution: ConstitutionRef {
-            id: index.constitution().id.clone(),
-            version: index.constitution().version.clone(),
-        },
+        constitution: index.constitution().reference(),
         model: evaluation_model.to_string(),
         kind,
         single,
@@ -214,26 +206,23 @@ pub async fn evaluate(
     let id = new_id();
     // Recorded before the response leaves: an answered evaluation is never missing
     // from the audit log.
-    let key_id = client_key_id(&headers);
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    let context = req.context.clone().map(serde_json::Value::Object);
+    let origin = Origin {
+        source: Source::Api,
+        client_key_id: client_key_id(&headers),
+        constitution: evaluation.index.constitution(),
+        model: &evaluation.model,
+        kind: req.kind,
+        latency_ms: started.elapsed().as_secs_f64() * 1e3,
+        context: req.context.clone().map(serde_json::Value::Object),
+    };
     for (i, (text, result)) in texts.iter().zip(&evaluation.results).enumerate() {
-        state.audit().record(AuditRecord::from_result(
-            if batch {
-                format!("{id}.{i}")
-            } else {
-                id.clone()
-            },
-            Source::Api,
-            key_id.clone(),
-            evaluation.index.constitution(),
-            &evaluation.model,
-            req.kind,
-            text,
-            result,
-            latency_ms,
-            context.clone(),
-        ));
+        let record_id = if batch {
+            format!("{id}.{i}")
+        } else {
+            id.clone()
+        };
+        let record = AuditRecord::from_result(record_id, &origin, text, result);
+        state.audit().record(record);
     }
     let response = response(id, req.kind, batch, req.context, evaluation);
     span.record("constitution", response.constitution.id.as_str());
