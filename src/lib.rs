@@ -22,7 +22,8 @@
 //!   mapping, tower-http layers.
 //! - [`quality`]: labelled data, grouped cross-validation, the `bench` report (JSON +
 //!   PNG) and `calibrate`.
-//! - `main.rs`: the CLI (`serve`, `check`, `eval`, `bench`, `calibrate`); thin.
+//! - `main.rs` and `cli/` (the binary): the CLI, one file per command (`serve`,
+//!   `migrate`, `check`, `eval`, `bench`, `calibrate`, `healthcheck`); thin.
 //!
 //! The request path: `http::evaluate` validates -> `Engine::evaluate` -> `Embedder::embed`
 //! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->

@@ -1,0 +1,48 @@
+//! `charter check`: validate constitution files, printing every error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use charter::constitution;
+
+pub fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for file in files {
+        match constitution::parse_file(file) {
+            Ok(c) => {
+                let examples: usize = c
+                    .rules
+                    .iter()
+                    .map(|r| r.violating.len() + r.compliant.len())
+                    .sum::<usize>()
+                    + c.shared_compliant.len();
+                println!(
+                    "{}: ok: constitution {:?} version {} with {} rules and {} exemplars{}",
+                    file.display(),
+                    c.id,
+                    c.version,
+                    c.rules.len(),
+                    examples,
+                    if c.calibrations.is_empty() {
+                        String::new()
+                    } else {
+                        let models: Vec<&str> =
+                            c.calibrations.iter().map(|c| c.model.as_str()).collect();
+                        format!(" (calibrated for {})", models.join(", "))
+                    }
+                );
+            }
+            Err(errors) => {
+                ok = false;
+                for e in errors.0 {
+                    eprintln!("{e}");
+                }
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
