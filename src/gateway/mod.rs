@@ -215,19 +215,29 @@ pub async fn exchange(
         }
         return Ok(stream::guard(ex, response, meta));
     }
+    answer(&ex, response, meta).await
+}
 
+/// A non-streaming answer: read it whole, review it when configured, and answer with the
+/// upstream status and headers, the `x-charter-*` headers and the body to send.
+async fn answer(
+    ex: &Exchange,
+    response: reqwest::Response,
+    mut meta: Charter,
+) -> Result<Response, GatewayError> {
+    let config = &ex.gw.config().gateway;
     let status = response.status();
     let upstream_headers = upstream::forward_response_headers(response.headers(), true);
     let body = read_limited(response, config.max_response_bytes).await?;
     let (body, action) = if config.evaluate_output {
-        review_output(&ex, &body, &mut meta).await?
+        review_output(ex, &body, &mut meta).await?
     } else {
         let body = messages::with_charter_field(&body, &meta).ok_or_else(|| {
             GatewayError::UpstreamProtocol("the response is not a JSON object".into())
         })?;
         (body, meta.action)
     };
-    span.record("action", action.as_str());
+    tracing::Span::current().record("action", action.as_str());
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     *response.headers_mut() = upstream_headers;
