@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use charter::audit::LogSink;
 use charter::config::Config;
-use charter::AppState;
+use charter::state::AppState;
 use futures_util::StreamExt;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Kind;
-use crate::evaluate::{TextResult, Verdict};
+use crate::constitution::Constitution;
+use crate::evaluate::{Kind, TextResult, Verdict};
 
 /// Where an evaluation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,26 +66,38 @@ pub struct AuditRecord {
     pub context: Option<serde_json::Value>,
 }
 
+/// What a record says of an evaluation besides its text and result: where it came from,
+/// who asked, what judged it, how long it took. One origin serves every text of a batch.
+#[derive(Debug, Clone)]
+pub struct Origin<'a> {
+    pub source: Source,
+    /// The client's key id (never the key itself), when the request carried one.
+    pub client_key_id: Option<String>,
+    pub constitution: &'a Constitution,
+    pub model: &'a str,
+    pub kind: Kind,
+    pub latency_ms: f64,
+    /// Request metadata, as [`AuditRecord::context`].
+    pub context: Option<serde_json::Value>,
+}
+
 impl AuditRecord {
-    /// The record of one text's result.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_result(
-        id: String,
-        source: Source,
-        client_key_id: Option<String>,
-        constitution: &crate::constitution::Constitution,
-        model: &str,
-        kind: Kind,
-        text: &str,
-        result: &TextResult,
-        latency_ms: f64,
-        context: Option<serde_json::Value>,
-    ) -> Self {
+    /// The record `id` of one text's result.
+    pub fn from_result(id: String, origin: &Origin<'_>, text: &str, result: &TextResult) -> Self {
+        let Origin {
+            source,
+            ref client_key_id,
+            constitution,
+            model,
+            kind,
+            latency_ms,
+            ref context,
+        } = *origin;
         AuditRecord {
             id,
             time: now_rfc3339(),
             source,
-            client_key_id,
+            client_key_id: client_key_id.clone(),
             constitution_id: constitution.id.clone(),
             constitution_version: constitution.version.clone(),
             model: model.to_string(),
@@ -105,7 +117,7 @@ impl AuditRecord {
                 .collect(),
             latency_ms,
             text: text.to_string(),
-            context,
+            context: context.clone(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::constitution::{self, Constitution, ConstitutionErrors};
@@ -30,20 +30,45 @@ pub enum EngineError {
     MissingDefault(String),
 }
 
-/// Whether the text is a user's prompt or a model's response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Prompt,
-    #[default]
-    Response,
+/// What an engine error means to the caller, whichever API answers it: the one
+/// classification of domain errors, which `http::error` and `gateway::error` each render
+/// in their own shape. Exhaustive on both sides, so a new variant forces a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ErrorClass {
+    /// The request named a constitution that is not loaded (the caller's mistake, or the
+    /// configuration's when it named the id).
+    UnknownConstitution(String),
+    /// The model queue is full; retry after this many seconds.
+    Overloaded { retry_after_secs: u64 },
+    /// The model workers have stopped: the service is stopping.
+    Stopped,
+    /// A failure of ours (model, constitution, index): logged with this detail, answered
+    /// generically.
+    Internal(String),
 }
 
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Prompt => "prompt",
-            Kind::Response => "response",
+impl From<EngineError> for ErrorClass {
+    fn from(err: EngineError) -> Self {
+        match err {
+            EngineError::UnknownConstitution(id) => ErrorClass::UnknownConstitution(id),
+            EngineError::Embed(e) => e.into(),
+            EngineError::Constitution(e) => ErrorClass::Internal(e.to_string()),
+            EngineError::Index(e) => ErrorClass::Internal(e.to_string()),
+            EngineError::MissingDefault(id) => {
+                ErrorClass::Internal(format!("missing default constitution {id}"))
+            }
+        }
+    }
+}
+
+impl From<EmbedError> for ErrorClass {
+    fn from(err: EmbedError) -> Self {
+        match err {
+            EmbedError::Overloaded { retry_after_secs } => {
+                ErrorClass::Overloaded { retry_after_secs }
+            }
+            EmbedError::Stopped => ErrorClass::Stopped,
+            EmbedError::Load(m) | EmbedError::Inference(m) => ErrorClass::Internal(m),
         }
     }
 }
@@ -348,7 +373,9 @@ async fn embed_with_retry(
 ) -> Result<crate::embed::Embedded, EmbedError> {
     loop {
         match embedder.embed(Arc::clone(&texts), None).await {
-            Err(EmbedError::Overloaded) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(EmbedError::Overloaded { .. }) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             other => return other,
         }
     }
@@ -365,6 +392,7 @@ async fn start_embedder(config: &Config, dir: std::path::PathBuf) -> Result<Embe
         max_batch_size: config.batching.max_batch_size,
         bucket_ratio: config.batching.bucket_ratio,
         capacity: config.batching.queue_capacity,
+        retry_after_secs: config.batching.retry_after_secs,
     };
     let started = Instant::now();
     let backends = tokio::task::spawn_blocking(move || {

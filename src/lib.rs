@@ -12,18 +12,25 @@
 //! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
+//! - [`ids`]: the request id header, evaluation ids, client key ids.
 //! - [`audit`]: the audit record of every answered evaluation and the sink it goes to.
 //! - [`gateway`]: the Anthropic Messages proxy (screen, evaluate, critique/revise, guarded
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
 //! - [`store`]: the audit store: spool file, batched writer, SQLite/PostgreSQL, queries.
-//! - [`http`]: routes, extractors, the one error mapping, tower-http layers.
+//! - [`state`]: `AppState`, what every handler shares.
+//! - [`http`]: every route and handler (the gateway's too), extractors, the error
+//!   mapping, tower-http layers.
 //! - [`quality`]: labelled data, grouped cross-validation, the `bench` report (JSON +
 //!   PNG) and `calibrate`.
-//! - `main.rs`: the CLI (`serve`, `check`, `eval`, `bench`, `calibrate`); thin.
+//! - `main.rs` and `cli/` (the binary): the CLI, one file per command (`serve`,
+//!   `migrate`, `check`, `eval`, `bench`, `calibrate`, `healthcheck`); thin.
 //!
 //! The request path: `http::evaluate` validates -> `Engine::evaluate` -> `Embedder::embed`
 //! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->
 //! `evaluate::evaluate` (exemplar similarities -> rule scores) -> JSON.
+//!
+//! Floors (docs/ARCHITECTURE.md): a module imports only its own floor or below, checked
+//! by the `layers` unit test.
 
 pub mod audit;
 pub mod config;
@@ -33,107 +40,23 @@ pub mod engine;
 pub mod evaluate;
 pub mod gateway;
 pub mod http;
+pub mod ids;
+#[cfg(test)]
+mod layers;
 pub mod quality;
+pub mod state;
 pub mod store;
 
 use std::future::{Future, IntoFuture};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::http::error::AppError;
+use crate::state::AppState;
 use crate::store::Store;
-
-/// Shared state of the HTTP handlers: configuration and, once loaded, the engine.
-#[derive(Clone)]
-pub struct AppState {
-    inner: Arc<AppInner>,
-}
-
-struct AppInner {
-    config: Config,
-    engine: OnceLock<Arc<Engine>>,
-    audit: Arc<dyn AuditSink>,
-    store: Option<Arc<Store>>,
-}
-
-impl AppState {
-    pub fn new(config: Config, audit: Arc<dyn AuditSink>) -> Self {
-        Self {
-            inner: Arc::new(AppInner {
-                config,
-                engine: OnceLock::new(),
-                audit,
-                store: None,
-            }),
-        }
-    }
-
-    /// A state whose audit records go to `store`, which also answers the query API.
-    pub fn with_store(config: Config, store: Arc<Store>) -> Self {
-        Self {
-            inner: Arc::new(AppInner {
-                config,
-                engine: OnceLock::new(),
-                audit: store.sink(),
-                store: Some(store),
-            }),
-        }
-    }
-
-    /// A state whose engine is already loaded (CLI, tests).
-    pub fn with_engine(config: Config, engine: Arc<Engine>, audit: Arc<dyn AuditSink>) -> Self {
-        let state = Self::new(config, audit);
-        let _ = state.inner.engine.set(engine);
-        state
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.inner.config
-    }
-
-    /// Where audit records go.
-    pub fn audit(&self) -> &dyn AuditSink {
-        self.inner.audit.as_ref()
-    }
-
-    /// The audit store, unless `audit.enabled = false`.
-    pub fn store(&self) -> Option<&Arc<Store>> {
-        self.inner.store.as_ref()
-    }
-
-    /// The engine, or 503 while it is loading.
-    pub fn engine(&self) -> Result<Arc<Engine>, AppError> {
-        self.inner.engine.get().cloned().ok_or(AppError::NotReady)
-    }
-
-    /// The engine if the service is ready, else the reason it is not: still loading, or
-    /// the audit spool cannot be written (records could be lost).
-    pub fn readiness(&self) -> Result<Arc<Engine>, String> {
-        if let Some(reason) = self.store().and_then(|s| s.unready_reason()) {
-            return Err(reason);
-        }
-        self.inner
-            .engine
-            .get()
-            .cloned()
-            .ok_or_else(|| "loading model and constitutions".to_string())
-    }
-
-    /// Fills in the configured Retry-After of an overload error.
-    pub fn map_overload(&self, err: AppError) -> AppError {
-        match err {
-            AppError::Overloaded { .. } => AppError::Overloaded {
-                retry_after_secs: self.config().batching.retry_after_secs,
-            },
-            other => other,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -183,7 +106,7 @@ async fn serve(
                             store.register_constitution(index.constitution());
                         }
                     }
-                    let _ = state.inner.engine.set(Arc::new(engine));
+                    state.set_engine(Arc::new(engine));
                     tracing::info!("ready");
                 }
                 Err(err) => {

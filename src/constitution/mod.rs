@@ -131,7 +131,22 @@ pub struct Constitution {
     pub calibrations: Vec<Calibration>,
 }
 
+/// A constitution as answers and records name it: its id and the version that judged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConstitutionRef {
+    pub id: String,
+    pub version: String,
+}
+
 impl Constitution {
+    /// This constitution's id and version.
+    pub fn reference(&self) -> ConstitutionRef {
+        ConstitutionRef {
+            id: self.id.clone(),
+            version: self.version.clone(),
+        }
+    }
+
     pub fn rule(&self, id: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.id == id)
     }

@@ -249,6 +249,14 @@ pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
             .into()
     });
 
+    let defaults = RuleDefaults {
+        severity: raw.defaults.severity,
+        action: raw.defaults.action,
+        threshold: default_threshold,
+        critique: default_critique,
+        revision: default_revision,
+    };
+
     let mut shared_compliant: Vec<Example> = raw.compliant.into_iter().map(Example::from).collect();
     if let Some(file) = &raw.compliant_file {
         for (example, label) in
@@ -271,97 +279,136 @@ pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
         );
     }
     for (i, r) in raw.rules.into_iter().enumerate() {
-        let field = |name: &str| format!("rules[{i}].{name}");
-        let id = r.id.get_ref().clone();
-        if !valid_id(&id) {
-            errors.at(
-                Some(r.id.span()),
-                &field("id"),
-                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
-            );
-        } else if !seen.insert(id.clone()) {
-            errors.at(
-                Some(r.id.span()),
-                &field("id"),
-                format!("duplicate rule id {id:?}"),
-            );
-        }
-        let principle = match r.principle.get_ref() {
-            RawPrinciple::One(text) => BTreeMap::from([("en".to_string(), text.clone())]),
-            RawPrinciple::ByLanguage(map) => map.clone(),
-        };
-        if principle.is_empty() || principle.values().any(|t| t.trim().is_empty()) {
-            errors.at(
-                Some(r.principle.span()),
-                &field("principle"),
-                "must not be empty",
-            );
-        }
-        let threshold = match &r.threshold {
-            Some(t) => check_threshold(&mut errors, t, &field("threshold")),
-            None => default_threshold,
-        };
-        let mut violating: Vec<Example> = r.violating.into_iter().map(Example::from).collect();
-        let mut compliant: Vec<Example> = r.compliant.into_iter().map(Example::from).collect();
-        if let Some(file) = &r.examples_file {
-            for (example, label) in read_examples(
-                &mut errors,
-                &mut hasher,
-                base,
-                file,
-                &field("examples_file"),
-            ) {
-                match label.as_deref() {
-                    Some("violating") | Some("violation") => violating.push(example),
-                    Some("compliant") | Some("ok") => compliant.push(example),
-                    _ => {} // reported by read_examples
-                }
-            }
-        }
-        if violating.is_empty() {
-            errors.at(
-                Some(r.id.span()),
-                &field("violating"),
-                "a rule needs at least one violating exemplar (similarity to the principle alone is near chance)",
-            );
-        }
-        for (list, name) in [(&violating, "violating"), (&compliant, "compliant")] {
-            if let Some(pos) = list.iter().position(|e| e.text.trim().is_empty()) {
-                errors.at(
-                    Some(r.id.span()),
-                    &field(&format!("{name}[{pos}]")),
-                    "empty exemplar text",
-                );
-            }
-        }
-        let category = r
-            .category
-            .map(|c| c.into_inner())
-            .unwrap_or_else(|| id.clone());
-        let principle_text = principle
-            .get("en")
-            .or_else(|| principle.values().next())
-            .cloned();
-        let fill = |template: &str| {
-            template.replace("{principle}", principle_text.as_deref().unwrap_or(""))
-        };
-        rules.push(Rule {
-            id,
-            category,
-            principle,
-            severity: r
-                .severity
-                .or(raw.defaults.severity)
-                .unwrap_or(Severity::High),
-            action: r.action.or(raw.defaults.action).unwrap_or(Action::Block),
-            threshold,
-            critique: fill(r.critique.as_deref().unwrap_or(&default_critique)),
-            revision: fill(r.revision.as_deref().unwrap_or(&default_revision)),
-            violating,
-            compliant,
-        });
+        let rule = parse_rule(&mut errors, &mut hasher, base, &defaults, i, r, &mut seen);
+        rules.push(rule);
     }
 
+    let calibrations = read_calibrations(&mut errors, &mut hasher, path, &rules);
+
+    if !errors.list.is_empty() {
+        return Err(ConstitutionErrors(errors.list));
+    }
+    let version = hex::encode(&hasher.finalize()[..8]);
+    Ok(Constitution {
+        id: raw.id.into_inner(),
+        description: raw.description,
+        version,
+        path: path.to_path_buf(),
+        shared_compliant,
+        rules,
+        calibrations,
+    })
+}
+
+/// What a rule takes from `[defaults]` when it does not say.
+struct RuleDefaults {
+    severity: Option<Severity>,
+    action: Option<Action>,
+    threshold: f32,
+    critique: String,
+    revision: String,
+}
+
+/// Rule `i` of the file, validated (errors are collected, not returned); its example
+/// file is read relative to `base` and hashed into the version.
+fn parse_rule(
+    errors: &mut Errors<'_>,
+    hasher: &mut Sha256,
+    base: &Path,
+    defaults: &RuleDefaults,
+    i: usize,
+    r: RawRule,
+    seen: &mut HashSet<String>,
+) -> Rule {
+    let field = |name: &str| format!("rules[{i}].{name}");
+    let id = r.id.get_ref().clone();
+    if !valid_id(&id) {
+        errors.at(
+            Some(r.id.span()),
+            &field("id"),
+            "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+        );
+    } else if !seen.insert(id.clone()) {
+        errors.at(
+            Some(r.id.span()),
+            &field("id"),
+            format!("duplicate rule id {id:?}"),
+        );
+    }
+    let principle = match r.principle.get_ref() {
+        RawPrinciple::One(text) => BTreeMap::from([("en".to_string(), text.clone())]),
+        RawPrinciple::ByLanguage(map) => map.clone(),
+    };
+    if principle.is_empty() || principle.values().any(|t| t.trim().is_empty()) {
+        errors.at(
+            Some(r.principle.span()),
+            &field("principle"),
+            "must not be empty",
+        );
+    }
+    let threshold = match &r.threshold {
+        Some(t) => check_threshold(errors, t, &field("threshold")),
+        None => defaults.threshold,
+    };
+    let mut violating: Vec<Example> = r.violating.into_iter().map(Example::from).collect();
+    let mut compliant: Vec<Example> = r.compliant.into_iter().map(Example::from).collect();
+    if let Some(file) = &r.examples_file {
+        for (example, label) in read_examples(errors, hasher, base, file, &field("examples_file")) {
+            match label.as_deref() {
+                Some("violating") | Some("violation") => violating.push(example),
+                Some("compliant") | Some("ok") => compliant.push(example),
+                _ => {} // reported by read_examples
+            }
+        }
+    }
+    if violating.is_empty() {
+        errors.at(
+            Some(r.id.span()),
+            &field("violating"),
+            "a rule needs at least one violating exemplar (similarity to the principle alone is near chance)",
+        );
+    }
+    for (list, name) in [(&violating, "violating"), (&compliant, "compliant")] {
+        if let Some(pos) = list.iter().position(|e| e.text.trim().is_empty()) {
+            errors.at(
+                Some(r.id.span()),
+                &field(&format!("{name}[{pos}]")),
+                "empty exemplar text",
+            );
+        }
+    }
+    let category = r
+        .category
+        .map(|c| c.into_inner())
+        .unwrap_or_else(|| id.clone());
+    let principle_text = principle
+        .get("en")
+        .or_else(|| principle.values().next())
+        .cloned();
+    let fill =
+        |template: &str| template.replace("{principle}", principle_text.as_deref().unwrap_or(""));
+    Rule {
+        id,
+        category,
+        principle,
+        severity: r.severity.or(defaults.severity).unwrap_or(Severity::High),
+        action: r.action.or(defaults.action).unwrap_or(Action::Block),
+        threshold,
+        critique: fill(r.critique.as_deref().unwrap_or(&defaults.critique)),
+        revision: fill(r.revision.as_deref().unwrap_or(&defaults.revision)),
+        violating,
+        compliant,
+    }
+}
+
+/// The constitution's calibration files (the main one, then one per further model):
+/// each read is hashed into the version and checked against the rules.
+fn read_calibrations(
+    errors: &mut Errors<'_>,
+    hasher: &mut Sha256,
+    path: &Path,
+    rules: &[Rule],
+) -> Vec<Calibration> {
     let mut calibrations: Vec<Calibration> = Vec::new();
     for (calibration_file, named_model) in calibration_files(path) {
         let cal_bytes = match std::fs::read(&calibration_file) {
@@ -413,20 +460,7 @@ pub fn parse_file(path: &Path) -> Result<Constitution, ConstitutionErrors> {
             calibrations.push(cal);
         }
     }
-
-    if !errors.list.is_empty() {
-        return Err(ConstitutionErrors(errors.list));
-    }
-    let version = hex::encode(&hasher.finalize()[..8]);
-    Ok(Constitution {
-        id: raw.id.into_inner(),
-        description: raw.description,
-        version,
-        path: path.to_path_buf(),
-        shared_compliant,
-        rules,
-        calibrations,
-    })
+    calibrations
 }
 
 fn check_threshold(errors: &mut Errors<'_>, t: &Spanned<f32>, field: &str) -> f32 {

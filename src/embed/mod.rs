@@ -70,9 +70,9 @@ pub enum EmbedError {
     /// The model or runtime could not be loaded.
     #[error("model load failed: {0}")]
     Load(String),
-    /// The queue in front of the model is full; try again later.
+    /// The queue in front of the model is full; try again after `retry_after_secs`.
     #[error("the model queue is full")]
-    Overloaded,
+    Overloaded { retry_after_secs: u64 },
     /// The model failed on an input.
     #[error("inference failed: {0}")]
     Inference(String),

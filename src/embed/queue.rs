@@ -1,7 +1,8 @@
 //! The bounded queue in front of the model and the worker threads behind it.
 //!
 //! Requests never run the model themselves: they reserve room in the queue (a semaphore;
-//! a full queue answers [`EmbedError::Overloaded`] at once, which HTTP turns into 429),
+//! a full queue answers [`EmbedError::Overloaded`] at once, with the delay to wait, which
+//! HTTP turns into 429 and `Retry-After`),
 //! send a job over a channel and await a oneshot reply. Each worker thread owns one model
 //! session. It takes every job that is waiting (up to a bound), tokenises the texts, cuts
 //! them into pieces (with a model that pools spans, the pieces inside a text's window ride
@@ -27,6 +28,9 @@ pub struct QueueConfig {
     pub bucket_ratio: f32,
     /// Queue size in work units: one per text plus one per KiB of text.
     pub capacity: usize,
+    /// How long a refused caller is told to wait (`Retry-After`), carried by
+    /// [`EmbedError::Overloaded`].
+    pub retry_after_secs: u64,
 }
 
 /// What one call to [`Embedder::embed`] returns.
@@ -58,6 +62,7 @@ struct Inner {
     tx: crossbeam_channel::Sender<Job>,
     permits: Arc<Semaphore>,
     capacity: usize,
+    retry_after_secs: u64,
     info: ModelInfo,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -85,6 +90,7 @@ impl Embedder {
                 tx,
                 permits: Arc::new(Semaphore::new(config.capacity)),
                 capacity: config.capacity,
+                retry_after_secs: config.retry_after_secs,
                 info,
                 workers: std::sync::Mutex::new(workers),
             }),
@@ -112,7 +118,9 @@ impl Embedder {
         let units = units.clamp(1, self.inner.capacity) as u32;
         let permit = Arc::clone(&self.inner.permits)
             .try_acquire_many_owned(units)
-            .map_err(|_| EmbedError::Overloaded)?;
+            .map_err(|_| EmbedError::Overloaded {
+                retry_after_secs: self.inner.retry_after_secs,
+            })?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             texts,
@@ -479,6 +487,7 @@ mod tests {
             max_batch_size: 4,
             bucket_ratio: 1.5,
             capacity: 16,
+            retry_after_secs: 3,
         }
     }
 
@@ -656,7 +665,12 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let err = embedder.embed(texts(&["z"]), None).await.unwrap_err();
-        assert_eq!(err, EmbedError::Overloaded);
+        assert_eq!(
+            err,
+            EmbedError::Overloaded {
+                retry_after_secs: 3
+            }
+        );
         // Refused while the first job still runs: it did not wait for room.
         assert!(
             !first.is_finished(),

@@ -1,5 +1,5 @@
 //! The learned head: per rule, a logistic regression over the text's embedding and its
-//! kNN features (research recommendation C3/E3, `wip/research/REPORT.md`). Pure.
+//! kNN features (research recommendation C3/E3, docs/research.md). Pure.
 //!
 //! Features of a unit embedding q, for a fitted set of standardisations:
 //! `[0.3 (q - mu) / sd, (s - kmu) / ksd]`, where s_r is the mean of the top-k centred

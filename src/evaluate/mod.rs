@@ -26,6 +26,24 @@ use crate::embed::TextEmbedding;
 
 pub use index::{Index, IndexError, Similarities, NO_HEAD_LOGIT};
 
+/// Whether the text is a user's prompt or a model's response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Prompt,
+    #[default]
+    Response,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Prompt => "prompt",
+            Kind::Response => "response",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {

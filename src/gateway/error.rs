@@ -4,13 +4,13 @@
 //!
 //! Upstream errors are *not* turned into `GatewayError`s: they reach the client unchanged
 //! (status, body, retry headers). These errors are the gateway's own: bad input, not
-//! ready, the model queue full, the upstream unreachable or silent.
+//! ready, the model queue full, the upstream unreachable or silent. Domain errors arrive as
+//! the engine's [`ErrorClass`], the same classes `http::error` renders in the API's shape.
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::embed::EmbedError;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -110,7 +110,11 @@ impl IntoResponse for GatewayError {
             GatewayError::UpstreamUnreachable(detail) | GatewayError::UpstreamProtocol(detail) => {
                 tracing::warn!(error = %detail, "upstream failure")
             }
-            _ => {}
+            GatewayError::InvalidRequest(_)
+            | GatewayError::BodyTooLarge
+            | GatewayError::NotReady
+            | GatewayError::Overloaded { .. }
+            | GatewayError::UpstreamTimeout => {}
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
@@ -136,29 +140,21 @@ impl IntoResponse for GatewayError {
 
 impl From<EngineError> for GatewayError {
     fn from(err: EngineError) -> Self {
-        match err {
-            EngineError::UnknownConstitution(id) => GatewayError::InvalidRequest(format!(
-                "no constitution with id {id:?}; GET /v1/constitutions lists them"
-            )),
-            EngineError::Embed(e) => e.into(),
-            EngineError::Constitution(e) => GatewayError::Internal(e.to_string()),
-            EngineError::Index(e) => GatewayError::Internal(e.to_string()),
-            EngineError::MissingDefault(id) => {
-                GatewayError::Internal(format!("missing default constitution {id}"))
-            }
-        }
+        ErrorClass::from(err).into()
     }
 }
 
-impl From<EmbedError> for GatewayError {
-    fn from(err: EmbedError) -> Self {
-        match err {
-            // The delay is filled in by the caller that knows the configuration.
-            EmbedError::Overloaded => GatewayError::Overloaded {
-                retry_after_secs: 1,
-            },
-            EmbedError::Stopped => GatewayError::NotReady,
-            EmbedError::Load(m) | EmbedError::Inference(m) => GatewayError::Internal(m),
+impl From<ErrorClass> for GatewayError {
+    fn from(class: ErrorClass) -> Self {
+        match class {
+            ErrorClass::UnknownConstitution(id) => GatewayError::InvalidRequest(format!(
+                "no constitution with id {id:?}; GET /v1/constitutions lists them"
+            )),
+            ErrorClass::Overloaded { retry_after_secs } => {
+                GatewayError::Overloaded { retry_after_secs }
+            }
+            ErrorClass::Stopped => GatewayError::NotReady,
+            ErrorClass::Internal(detail) => GatewayError::Internal(detail),
         }
     }
 }

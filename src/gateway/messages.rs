@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::constitution::ConstitutionRef;
 use crate::evaluate::Verdict;
 
 /// What the gateway needs from a request body.
@@ -149,12 +150,6 @@ pub struct Charter {
     /// Why a revision could not be used, when it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ConstitutionRef {
-    pub id: String,
-    pub version: String,
 }
 
 impl Charter {

@@ -18,8 +18,9 @@
 //! handed to the audit sink before its outcome reaches the client; the outcome is in the
 //! `x-charter-*` headers and the message's extra `charter` field ([`messages::Charter`]).
 //!
-//! Owns: the proxy routes and their state (one shared upstream client). Must not: run
-//! the model (the engine's queue does), retry upstream calls, or log keys.
+//! Owns: the proxy's logic and its service (configuration, audit sink, one shared upstream
+//! client); the routes and deadlines are in `http::messages`. Must not: run the model (the
+//! engine's queue does), retry upstream calls, log keys, or know the application state.
 
 pub mod error;
 pub mod messages;
@@ -30,52 +31,53 @@ mod stream;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::engine::{Engine, Kind};
-use crate::evaluate::Verdict;
-use crate::http::evaluate::client_key_id;
-use crate::http::REQUEST_ID;
-use crate::AppState;
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::constitution::ConstitutionRef;
+use crate::engine::{Engine, ErrorClass};
+use crate::evaluate::{Kind, Verdict};
+use crate::ids::{client_key_id, new_id, REQUEST_ID};
 
 use error::GatewayError;
-use messages::{ActionTaken, Charter, ConstitutionRef, RequestView, Usage};
+use messages::{ActionTaken, Charter, RequestView, Usage};
 use review::{Checked, Decision};
 use upstream::{Upstream, CONSTITUTION_HEADER};
 
-/// The gateway's shared state: the app (config, engine, audit) and the upstream client.
+/// The gateway's service: its configuration, where audit records go, and the one shared
+/// upstream client. Built once with the application state.
 pub struct Gateway {
-    app: AppState,
+    config: Config,
+    audit: Arc<dyn AuditSink>,
     upstream: Upstream,
 }
 
-/// The gateway routes, with their own limits: request bodies up to
-/// `gateway.body_limit_bytes`, deadlines from `gateway.*_timeout_secs` (not the API's
-/// `server.request_timeout_secs`: model answers take minutes), errors in the Anthropic
-/// shape.
-pub fn router(app: AppState) -> Router {
-    // Only the TLS backend can fail to build, and rustls with bundled roots does not.
-    let upstream = Upstream::new(&app.config().gateway).expect("the upstream HTTP client builds");
-    let gateway = Arc::new(Gateway { app, upstream });
-    Router::new()
-        .route("/v1/messages", post(messages))
-        .route("/v1/messages/count_tokens", post(passthrough))
-        .route("/v1/models", get(passthrough))
-        .route("/v1/models/{id}", get(passthrough))
-        .with_state(gateway)
-        .layer(CatchPanicLayer::custom(|_| {
-            GatewayError::Internal("gateway handler panicked".into()).into_response()
-        }))
+impl Gateway {
+    pub fn new(config: Config, audit: Arc<dyn AuditSink>) -> Self {
+        // Only the TLS backend can fail to build, and rustls with bundled roots does not.
+        let upstream = Upstream::new(&config.gateway).expect("the upstream HTTP client builds");
+        Gateway {
+            config,
+            audit,
+            upstream,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Where audit records go.
+    pub fn audit(&self) -> &dyn AuditSink {
+        self.audit.as_ref()
+    }
 }
 
 /// What one `/v1/messages` exchange carries through screening, forwarding and review.
@@ -96,61 +98,33 @@ pub struct Exchange {
 
 /// `count_tokens` and `models`: no model output, so the request and the answer cross
 /// untouched (headers as [`upstream`] says; bodies as bytes, streamed back).
-async fn passthrough(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+pub async fn passthrough(gw: &Gateway, request: Request) -> Result<Response, GatewayError> {
     let (parts, body) = request.into_parts();
-    let limit = gw.app.config().gateway.body_limit_bytes;
-    let deadline = Duration::from_secs(gw.app.config().gateway.request_timeout_secs);
-    let exchange = async {
-        let bytes = read_body(body, limit).await?;
-        let headers = gw.upstream.request_headers(&parts.headers, true);
-        let body = (parts.method != Method::GET || !bytes.is_empty()).then_some(bytes);
-        let response = gw
-            .upstream
-            .send(
-                parts.method.clone(),
-                path_and_query(&parts.uri),
-                headers,
-                body,
-            )
-            .await?;
-        Ok::<_, GatewayError>(relay(response, &[]))
-    };
-    match tokio::time::timeout(deadline, exchange).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => err.into_response(),
-        Err(_) => GatewayError::UpstreamTimeout.into_response(),
-    }
+    let bytes = read_body(body, gw.config.gateway.body_limit_bytes).await?;
+    let headers = gw.upstream.request_headers(&parts.headers, true);
+    let body = (parts.method != Method::GET || !bytes.is_empty()).then_some(bytes);
+    let response = gw
+        .upstream
+        .send(
+            parts.method.clone(),
+            path_and_query(&parts.uri),
+            headers,
+            body,
+        )
+        .await?;
+    Ok(relay(response, &[]))
 }
 
-#[tracing::instrument(skip_all, fields(stream, constitution, action))]
-async fn messages(
-    State(gw): State<Arc<Gateway>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
-    let deadline = Duration::from_secs(gw.app.config().gateway.request_timeout_secs);
-    let response = match tokio::time::timeout(deadline, exchange(gw, uri, headers, body)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(err)) => err.into_response(),
-        Err(_) => GatewayError::UpstreamTimeout.into_response(),
-    };
-    tracing::debug!(
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "gateway exchange answered"
-    );
-    response
-}
-
-async fn exchange(
+/// One `/v1/messages` exchange: read, screen, forward, review, act. `engine` answers the
+/// engine once it has loaded; it is asked only when the exchange needs it (503 before).
+pub async fn exchange(
     gw: Arc<Gateway>,
+    engine: impl FnOnce() -> Option<Arc<Engine>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let config = &gw.app.config().gateway;
+    let config = &gw.config().gateway;
     let bytes = read_body(body, config.body_limit_bytes).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::InvalidRequest(format!("the request body is not valid JSON: {e}"))
@@ -170,12 +144,12 @@ async fn exchange(
         return Ok(relay(response, &[]));
     }
 
-    let engine = gw.app.engine().map_err(|_| GatewayError::NotReady)?;
+    let engine = engine().ok_or(GatewayError::NotReady)?;
     let constitution = select_constitution(&gw, &engine, &headers)?;
     span.record("constitution", constitution.id.as_str());
     let ex = Exchange {
         engine,
-        id: crate::http::evaluate::new_id(),
+        id: new_id(),
         key_id: client_key_id(&headers),
         constitution: constitution.id.clone(),
         model: view.model.clone().unwrap_or_default(),
@@ -241,19 +215,29 @@ async fn exchange(
         }
         return Ok(stream::guard(ex, response, meta));
     }
+    answer(&ex, response, meta).await
+}
 
+/// A non-streaming answer: read it whole, review it when configured, and answer with the
+/// upstream status and headers, the `x-charter-*` headers and the body to send.
+async fn answer(
+    ex: &Exchange,
+    response: reqwest::Response,
+    mut meta: Charter,
+) -> Result<Response, GatewayError> {
+    let config = &ex.gw.config().gateway;
     let status = response.status();
     let upstream_headers = upstream::forward_response_headers(response.headers(), true);
     let body = read_limited(response, config.max_response_bytes).await?;
     let (body, action) = if config.evaluate_output {
-        review_output(&ex, &body, &mut meta).await?
+        review_output(ex, &body, &mut meta).await?
     } else {
         let body = messages::with_charter_field(&body, &meta).ok_or_else(|| {
             GatewayError::UpstreamProtocol("the response is not a JSON object".into())
         })?;
         (body, meta.action)
     };
-    span.record("action", action.as_str());
+    tracing::Span::current().record("action", action.as_str());
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     *response.headers_mut() = upstream_headers;
@@ -273,7 +257,7 @@ fn select_constitution(
     engine: &Engine,
     headers: &HeaderMap,
 ) -> Result<ConstitutionRef, GatewayError> {
-    let config = &gw.app.config().gateway;
+    let config = &gw.config().gateway;
     let from_header = headers
         .get(CONSTITUTION_HEADER)
         .map(|v| {
@@ -291,22 +275,22 @@ fn select_constitution(
             (by_key.or_else(|| config.constitution.clone()), false)
         }
     };
-    let index = engine.constitution(id.as_deref()).map_err(|err| match err {
-        crate::engine::EngineError::UnknownConstitution(id) if by_client => {
-            GatewayError::InvalidRequest(format!(
-                "{CONSTITUTION_HEADER}: no constitution with id {id:?}; GET /v1/constitutions lists them"
-            ))
-        }
-        crate::engine::EngineError::UnknownConstitution(id) => GatewayError::Internal(format!(
-            "gateway configuration names unknown constitution {id:?}"
-        )),
-        other => other.into(),
-    })?;
-    let c = index.constitution();
-    Ok(ConstitutionRef {
-        id: c.id.clone(),
-        version: c.version.clone(),
-    })
+    let index = engine
+        .constitution(id.as_deref())
+        .map_err(|err| match ErrorClass::from(err) {
+            ErrorClass::UnknownConstitution(id) if by_client => {
+                GatewayError::InvalidRequest(format!(
+                    "{CONSTITUTION_HEADER}: no constitution with id {id:?}; GET /v1/constitutions lists them"
+                ))
+            }
+            ErrorClass::UnknownConstitution(id) => GatewayError::Internal(format!(
+                "gateway configuration names unknown constitution {id:?}"
+            )),
+            class @ (ErrorClass::Overloaded { .. } | ErrorClass::Stopped | ErrorClass::Internal(_)) => {
+                class.into()
+            }
+        })?;
+    Ok(index.constitution().reference())
 }
 
 /// Screens the last user turn (and the system prompt when configured). A prompt that
@@ -316,7 +300,7 @@ async fn screen(
     view: &RequestView,
     meta: &mut Charter,
 ) -> Result<Option<Response>, GatewayError> {
-    let config = ex.gw.app.config();
+    let config = ex.gw.config();
     let max_chars = config.limits.max_text_chars;
     let mut parts: Vec<(&'static str, &str)> = Vec::new();
     if let Some(text) = &view.last_user_text {
@@ -332,10 +316,10 @@ async fn screen(
         // Long prompts are screened by their end, where the request usually is; the
         // audit record says how much was checked.
         let text = review::tail(full, max_chars);
-        let checked = review::check(&ex.gw.app, &ex.engine, text, &ex.constitution).await?;
+        let checked = review::check(&ex.gw, &ex.engine, text, &ex.constitution).await?;
         let this = review::decide(&checked.result).for_prompt();
         review::record(
-            &ex.gw.app,
+            &ex.gw,
             format!("{}.{part}", ex.id),
             ex.key_id.clone(),
             Kind::Prompt,
@@ -403,7 +387,7 @@ async fn review_output(
     body: &[u8],
     meta: &mut Charter,
 ) -> Result<(Vec<u8>, ActionTaken), GatewayError> {
-    let config = ex.gw.app.config();
+    let config = ex.gw.config();
     let message: Value = serde_json::from_slice(body)
         .map_err(|e| GatewayError::UpstreamProtocol(format!("the response is not JSON: {e}")))?;
     if !messages::is_message(&message) {
@@ -418,7 +402,7 @@ async fn review_output(
             .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?;
         return Ok((body, meta.action));
     }
-    let checked = review::check_output(&ex.gw.app, &ex.engine, &text, &ex.constitution).await?;
+    let checked = review::check_output(&ex.gw, &ex.engine, &text, &ex.constitution).await?;
     let decision = review::decide(&checked.result);
     meta.checked.push("output");
     note_violations(meta, &checked);
@@ -427,7 +411,7 @@ async fn review_output(
     }
     let record = |meta: &Charter, checked: &Checked| {
         review::record(
-            &ex.gw.app,
+            &ex.gw,
             format!("{}.output", ex.id),
             ex.key_id.clone(),
             Kind::Response,

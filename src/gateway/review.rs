@@ -9,13 +9,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{AuditRecord, Source};
+use crate::audit::{AuditRecord, Origin, Source};
 use crate::constitution::Action;
-use crate::engine::{Engine, Kind};
-use crate::evaluate::{Index, TextResult, Verdict};
-use crate::AppState;
+use crate::engine::Engine;
+use crate::evaluate::{Index, Kind, TextResult, Verdict};
 
 use super::error::GatewayError;
+use super::Gateway;
 
 /// Characters shared by consecutive chunks of a long text, so a passage cut by a chunk
 /// boundary is still seen whole (the model's windows are ~500 characters).
@@ -183,30 +183,29 @@ pub fn windows(text: &str, window_chars: usize, context_chars: usize) -> Vec<&st
 /// Evaluates a prompt against `constitution`: whole (the engine adds token windows to
 /// long texts), in chunks if longer than `limits.max_text_chars`.
 pub async fn check(
-    app: &AppState,
+    gw: &Gateway,
     engine: &Engine,
     text: &str,
     constitution: &str,
 ) -> Result<Checked, GatewayError> {
-    let max_chars = app.config().limits.max_text_chars;
+    let max_chars = gw.config().limits.max_text_chars;
     let parts = chunks(text, max_chars);
-    check_parts(app, engine, text, parts, constitution).await
+    check_parts(engine, text, parts, constitution).await
 }
 
 /// Evaluates a whole output in the windows a stream of it would be evaluated in.
 pub async fn check_output(
-    app: &AppState,
+    gw: &Gateway,
     engine: &Engine,
     text: &str,
     constitution: &str,
 ) -> Result<Checked, GatewayError> {
-    let config = &app.config().gateway;
+    let config = &gw.config().gateway;
     let parts = windows(text, config.hold_back_chars, config.context_chars);
-    check_parts(app, engine, text, parts, constitution).await
+    check_parts(engine, text, parts, constitution).await
 }
 
 async fn check_parts(
-    app: &AppState,
     engine: &Engine,
     text: &str,
     parts: Vec<&str>,
@@ -215,15 +214,7 @@ async fn check_parts(
     let started = Instant::now();
     let parts: Vec<String> = parts.into_iter().map(str::to_string).collect();
     let n = parts.len();
-    let evaluation = engine
-        .evaluate(Arc::new(parts), Some(constitution))
-        .await
-        .map_err(|e| match GatewayError::from(e) {
-            GatewayError::Overloaded { .. } => GatewayError::Overloaded {
-                retry_after_secs: app.config().batching.retry_after_secs,
-            },
-            other => other,
-        })?;
+    let evaluation = engine.evaluate(Arc::new(parts), Some(constitution)).await?;
     let result = merge(evaluation.results)
         .ok_or_else(|| GatewayError::Internal("the engine returned no result".into()))?;
     Ok(Checked {
@@ -238,7 +229,7 @@ async fn check_parts(
 
 /// Hands one gateway evaluation to the audit sink (before the client sees its outcome).
 pub fn record(
-    app: &AppState,
+    gw: &Gateway,
     id: String,
     client_key_id: Option<String>,
     kind: Kind,
@@ -246,18 +237,17 @@ pub fn record(
     text: &str,
     context: serde_json::Value,
 ) {
-    app.audit().record(AuditRecord::from_result(
-        id,
-        Source::Gateway,
+    let origin = Origin {
+        source: Source::Gateway,
         client_key_id,
-        checked.index.constitution(),
-        &checked.model,
+        constitution: checked.index.constitution(),
+        model: &checked.model,
         kind,
-        text,
-        &checked.result,
-        checked.latency_ms,
-        Some(context),
-    ));
+        latency_ms: checked.latency_ms,
+        context: Some(context),
+    };
+    gw.audit()
+        .record(AuditRecord::from_result(id, &origin, text, &checked.result));
 }
 
 #[cfg(test)]

@@ -15,8 +15,7 @@ use super::error::{upstream_failure, GatewayError};
 use super::messages::{self, Usage};
 use super::review::{self, Checked, Decision};
 use super::Exchange;
-use crate::engine::Kind;
-use crate::evaluate::TextResult;
+use crate::evaluate::{Kind, TextResult};
 
 const CRITIC_SYSTEM: &str = "You review an AI assistant's response against written principles. \
 Be specific and brief; quote the parts that break a principle.";
@@ -37,7 +36,7 @@ pub struct Outcome {
 
 /// Runs the loop for `response` (which `first` found breaking a revise rule).
 pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outcome, GatewayError> {
-    let max_rounds = ex.gw.app.config().gateway.max_revise_rounds;
+    let max_rounds = ex.gw.config().gateway.max_revise_rounds;
     let mut outcome = Outcome {
         revision: None,
         rounds: 0,
@@ -70,11 +69,10 @@ pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outco
             outcome.note = Some("the revision was empty".into());
             return Ok(outcome);
         }
-        let checked =
-            review::check_output(&ex.gw.app, &ex.engine, &revision, &ex.constitution).await?;
+        let checked = review::check_output(&ex.gw, &ex.engine, &revision, &ex.constitution).await?;
         let decision = review::decide(&checked.result);
         review::record(
-            &ex.gw.app,
+            &ex.gw,
             format!("{}.revision{round}", ex.id),
             ex.key_id.clone(),
             Kind::Response,
@@ -169,7 +167,7 @@ fn critique_request(ex: &Exchange, response: &str, rules: &[RuleInstructions]) -
     prompt.push_str("\nWrite the critique only.");
     json!({
         "model": ex.model,
-        "max_tokens": ex.gw.app.config().gateway.critique_max_tokens,
+        "max_tokens": ex.gw.config().gateway.critique_max_tokens,
         "system": CRITIC_SYSTEM,
         "messages": [{"role": "user", "content": prompt}],
     })
@@ -221,7 +219,7 @@ async fn call(ex: &Exchange, body: Value, usage: &mut Usage) -> Result<(String, 
     if let Some(failure) = upstream_failure(response.status(), response.headers()) {
         return Err(format!("{} ({})", failure.kind, failure.status));
     }
-    let limit = ex.gw.app.config().gateway.max_response_bytes;
+    let limit = ex.gw.config().gateway.max_response_bytes;
     let bytes = super::read_limited(response, limit)
         .await
         .map_err(|e| e.to_string())?;

@@ -29,13 +29,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::error::{error_body, GatewayError};
+use super::error::error_body;
 use super::messages::{self, ActionTaken, Charter};
 use super::review::{self, Decision};
 use super::sse::{self, SseParser};
 use super::{add_headers, note_violations, sse_response, upstream, Exchange};
-use crate::engine::Kind;
-use crate::evaluate::{Index, TextResult};
+use crate::evaluate::{Index, Kind, TextResult};
 
 /// Events queued towards the client; small, so a slow client slows the upstream read
 /// instead of growing memory.
@@ -61,7 +60,7 @@ pub fn guard(ex: Exchange, response: reqwest::Response, meta: Charter) -> Respon
             )
         })
         .collect();
-    let config = &ex.gw.app.config().gateway;
+    let config = &ex.gw.config().gateway;
     let guard = Guard {
         hold_back: config.hold_back_chars,
         context_chars: config.context_chars,
@@ -162,10 +161,8 @@ impl Guard {
                 Some(Err(err)) => {
                     let err = upstream::transport_error(err);
                     tracing::warn!(error = %err, "upstream stream failed");
-                    let kind = match err {
-                        GatewayError::UpstreamTimeout => "timeout_error",
-                        _ => "api_error",
-                    };
+                    // The Anthropic type of the gateway's own error (timeout or api).
+                    let (_, kind, _) = err.parts();
                     self.fail("upstream_failed", kind, "the upstream stream failed")
                         .await;
                     return;
@@ -349,23 +346,19 @@ impl Guard {
             .collect();
         if !text.trim().is_empty() {
             let window = format!("{}{}", self.context, text);
-            let checked = match review::check(
-                &self.ex.gw.app,
-                &self.ex.engine,
-                &window,
-                &self.ex.constitution,
-            )
-            .await
-            {
-                Ok(checked) => checked,
-                Err(err) => {
-                    tracing::warn!(error = %err, "stream window could not be evaluated");
-                    let (_, kind, message) = err.parts();
-                    self.drop_held();
-                    self.fail("evaluation_failed", kind, &message).await;
-                    return Flow::Stop;
-                }
-            };
+            let checked =
+                match review::check(&self.ex.gw, &self.ex.engine, &window, &self.ex.constitution)
+                    .await
+                {
+                    Ok(checked) => checked,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "stream window could not be evaluated");
+                        let (_, kind, message) = err.parts();
+                        self.drop_held();
+                        self.fail("evaluation_failed", kind, &message).await;
+                        return Flow::Stop;
+                    }
+                };
             self.windows += 1;
             self.eval_ms += checked.latency_ms;
             // Text carried over from the last window was counted then.
@@ -467,7 +460,7 @@ impl Guard {
         if let Some(index) = self.open_block.take() {
             events.push(json!({"type": "content_block_stop", "index": index}));
         }
-        let refusal = self.ex.gw.app.config().gateway.refusal_message.clone();
+        let refusal = self.ex.gw.config().gateway.refusal_message.clone();
         events.extend(messages::notice_block_events(self.next_index, &refusal));
         events.extend(messages::end_events(
             self.output_tokens,
@@ -528,7 +521,7 @@ impl Guard {
             "request_id": self.ex.request_id,
         });
         review::record(
-            &self.ex.gw.app,
+            &self.ex.gw,
             format!("{}.output", self.ex.id),
             self.ex.key_id.clone(),
             Kind::Response,

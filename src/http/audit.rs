@@ -12,24 +12,18 @@ use serde::Serialize;
 
 use super::error::AppError;
 use crate::audit::{RecordedRule, Source};
-use crate::engine::Kind;
-use crate::evaluate::Verdict;
+use crate::constitution::ConstitutionRef;
+use crate::evaluate::{Kind, Verdict};
+use crate::state::AppState;
 use crate::store::query::{Bucket, Counts, Cursor, ListFilter, StatsBucket, StatsQuery};
 use crate::store::record::{parse_time, rfc3339, StoredEvaluation};
 use crate::store::Store;
-use crate::AppState;
 
 /// Page size when `limit` is absent, and the largest accepted.
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 500;
 /// Most buckets one stats query may span (about 83 days by hour, 5 years by day).
 pub const MAX_BUCKETS: i64 = 2000;
-
-#[derive(Serialize)]
-pub struct ConstitutionRef {
-    pub id: String,
-    pub version: String,
-}
 
 /// One evaluation as the API shows it.
 #[derive(Serialize)]

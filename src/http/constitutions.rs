@@ -8,7 +8,7 @@ use super::error::AppError;
 use crate::constitution::{Action, Severity};
 use crate::engine::Engine;
 use crate::evaluate::Index;
-use crate::AppState;
+use crate::state::AppState;
 
 #[derive(Serialize)]
 pub struct Summary {
@@ -75,7 +75,7 @@ fn summary(engine: &Engine, index: &Index) -> Summary {
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Summary>>, AppError> {
-    let engine = state.engine()?;
+    let engine = state.engine().ok_or(AppError::NotReady)?;
     Ok(Json(
         engine
             .constitutions()
@@ -89,7 +89,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Detail>, AppError> {
-    let engine = state.engine()?;
+    let engine = state.engine().ok_or(AppError::NotReady)?;
     let index = engine
         .constitution(Some(&id))
         .map_err(|_| AppError::NotFound {

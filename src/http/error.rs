@@ -3,15 +3,17 @@
 //! Policy: every error body has the shape
 //! `{"error": {"type": "...", "message": "...", "field": "..."?}}` with a stable,
 //! machine-readable `type` and, for bad input, the offending `field`. 4xx messages say
-//! what to fix. 5xx bodies stay generic; the detail goes to the log, once. The match over
-//! domain errors is exhaustive (no `_` arm), so a new variant forces a decision here.
+//! what to fix. 5xx bodies stay generic; the detail goes to the log, once. Domain errors
+//! arrive classified ([`ErrorClass`], shared with the gateway, which renders the same
+//! classes in the Anthropic shape); every match here is exhaustive (no `_` arm), so a new
+//! variant forces a decision. A retry delay comes with the error (the model queue sets
+//! it); nothing patches a response afterwards.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::embed::EmbedError;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, ErrorClass};
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -103,32 +105,24 @@ impl AppError {
 
 impl From<EngineError> for AppError {
     fn from(err: EngineError) -> Self {
-        match err {
-            EngineError::UnknownConstitution(id) => AppError::NotFound {
+        ErrorClass::from(err).into()
+    }
+}
+
+impl From<ErrorClass> for AppError {
+    fn from(class: ErrorClass) -> Self {
+        match class {
+            ErrorClass::UnknownConstitution(id) => AppError::NotFound {
                 field: Some("constitution".into()),
                 message: format!(
                     "no constitution with id {id:?}; GET /v1/constitutions lists them"
                 ),
             },
-            EngineError::Embed(e) => e.into(),
-            EngineError::Constitution(e) => AppError::Internal(e.to_string()),
-            EngineError::Index(e) => AppError::Internal(e.to_string()),
-            EngineError::MissingDefault(id) => {
-                AppError::Internal(format!("missing default constitution {id}"))
+            ErrorClass::Overloaded { retry_after_secs } => {
+                AppError::Overloaded { retry_after_secs }
             }
-        }
-    }
-}
-
-impl From<EmbedError> for AppError {
-    fn from(err: EmbedError) -> Self {
-        match err {
-            // The retry delay is filled in by the handler that knows the configuration.
-            EmbedError::Overloaded => AppError::Overloaded {
-                retry_after_secs: 1,
-            },
-            EmbedError::Stopped => AppError::NotReady,
-            EmbedError::Load(m) | EmbedError::Inference(m) => AppError::Internal(m),
+            ErrorClass::Stopped => AppError::NotReady,
+            ErrorClass::Internal(detail) => AppError::Internal(detail),
         }
     }
 }
@@ -203,7 +197,14 @@ impl IntoResponse for AppError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            _ => {}
+            AppError::MalformedJson(_)
+            | AppError::Invalid { .. }
+            | AppError::TooLarge { .. }
+            | AppError::BodyTooLarge
+            | AppError::UnsupportedMediaType
+            | AppError::NotFound { .. }
+            | AppError::Timeout
+            | AppError::Internal(_) => {}
         }
         response
     }

@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
 use super::extract::ApiJson;
-use crate::audit::{AuditRecord, Source};
-use crate::engine::{Evaluation, Kind, Timings};
-use crate::evaluate::{RuleResult, TextResult, Verdict};
-use crate::AppState;
+use crate::audit::{AuditRecord, Origin, Source};
+use crate::constitution::ConstitutionRef;
+use crate::engine::{Evaluation, Timings};
+use crate::evaluate::{Kind, RuleResult, TextResult, Verdict};
+use crate::ids::{client_key_id, new_id};
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,12 +35,6 @@ pub struct EvaluateRequest {
     /// Free-form metadata kept with the evaluation (not used in scoring).
     #[serde(default)]
     pub context: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ConstitutionRef {
-    pub id: String,
-    pub version: String,
 }
 
 /// One text's result, as returned in `results` of a batch.
@@ -181,10 +177,7 @@ pub fn response(
     EvaluateResponse {
         id,
         verdict,
-        constitution: ConstitutionRef {
-            id: index.constitution().id.clone(),
-            version: index.constitution().version.clone(),
-        },
+        constitution: index.constitution().reference(),
         model: evaluation_model.to_string(),
         kind,
         single,
@@ -201,7 +194,7 @@ pub async fn evaluate(
     ApiJson(mut req): ApiJson<EvaluateRequest>,
 ) -> Result<Json<EvaluateResponse>, AppError> {
     let started = Instant::now();
-    let engine = state.engine()?;
+    let engine = state.engine().ok_or(AppError::NotReady)?;
     let limits = &state.config().limits;
     let (texts, batch) = validate(&mut req, limits.max_text_chars, limits.max_batch_texts)?;
     let span = tracing::Span::current();
@@ -209,31 +202,27 @@ pub async fn evaluate(
     let texts = Arc::new(texts);
     let evaluation = engine
         .evaluate(Arc::clone(&texts), req.constitution.as_deref())
-        .await
-        .map_err(|e| state.map_overload(e.into()))?;
+        .await?;
     let id = new_id();
     // Recorded before the response leaves: an answered evaluation is never missing
     // from the audit log.
-    let key_id = client_key_id(&headers);
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
-    let context = req.context.clone().map(serde_json::Value::Object);
+    let origin = Origin {
+        source: Source::Api,
+        client_key_id: client_key_id(&headers),
+        constitution: evaluation.index.constitution(),
+        model: &evaluation.model,
+        kind: req.kind,
+        latency_ms: started.elapsed().as_secs_f64() * 1e3,
+        context: req.context.clone().map(serde_json::Value::Object),
+    };
     for (i, (text, result)) in texts.iter().zip(&evaluation.results).enumerate() {
-        state.audit().record(AuditRecord::from_result(
-            if batch {
-                format!("{id}.{i}")
-            } else {
-                id.clone()
-            },
-            Source::Api,
-            key_id.clone(),
-            evaluation.index.constitution(),
-            &evaluation.model,
-            req.kind,
-            text,
-            result,
-            latency_ms,
-            context.clone(),
-        ));
+        let record_id = if batch {
+            format!("{id}.{i}")
+        } else {
+            id.clone()
+        };
+        let record = AuditRecord::from_result(record_id, &origin, text, result);
+        state.audit().record(record);
     }
     let response = response(id, req.kind, batch, req.context, evaluation);
     span.record("constitution", response.constitution.id.as_str());
@@ -245,34 +234,6 @@ pub async fn evaluate(
         },
     );
     Ok(Json(response))
-}
-
-/// A stable, non-secret id for the API key a request carried (`x-api-key` or
-/// `Authorization: Bearer`): `key_` and 12 hex digits of its sha256.
-pub fn client_key_id(headers: &HeaderMap) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        })?
-        .trim();
-    if key.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "key_{}",
-        &hex::encode(Sha256::digest(key.as_bytes()))[..12]
-    ))
-}
-
-/// Time-ordered evaluation id.
-pub fn new_id() -> String {
-    format!("eval_{}", uuid::Uuid::now_v7().simple())
 }
 
 #[cfg(test)]
@@ -288,22 +249,6 @@ mod tests {
             AppError::Invalid { field, .. } | AppError::TooLarge { field, .. } => field,
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn key_ids_hide_the_key() {
-        let mut h = HeaderMap::new();
-        assert_eq!(client_key_id(&h), None);
-        h.insert("x-api-key", "sk-secret-1".parse().unwrap());
-        let a = client_key_id(&h).unwrap();
-        assert!(a.starts_with("key_") && !a.contains("secret"));
-        let mut h2 = HeaderMap::new();
-        h2.insert("authorization", "Bearer sk-secret-1".parse().unwrap());
-        assert_eq!(
-            client_key_id(&h2).unwrap(),
-            a,
-            "same key, same id, either header"
-        );
     }
 
     #[test]

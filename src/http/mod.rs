@@ -8,6 +8,7 @@ pub mod error;
 pub mod evaluate;
 pub mod extract;
 pub mod health;
+pub mod messages;
 
 use std::time::Duration;
 
@@ -24,10 +25,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::AppState;
+use crate::ids::REQUEST_ID;
+use crate::state::AppState;
 use error::AppError;
-
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The API routes with every layer applied.
 pub fn router(state: AppState) -> Router {
@@ -55,7 +55,7 @@ pub fn router(state: AppState) -> Router {
         }))
         .layer(axum::middleware::map_response(shape_layer_errors))
         // The gateway's routes bring their own body limit, deadlines and error shape.
-        .merge(crate::gateway::router(state))
+        .merge(messages::router(state))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()

@@ -9,8 +9,7 @@ use sha2::Sha256;
 use crate::audit::{AuditRecord, RecordedRule, Source};
 use crate::config::{Secret, TextPolicy};
 use crate::constitution::Constitution;
-use crate::engine::Kind;
-use crate::evaluate::Verdict;
+use crate::evaluate::{Kind, Verdict};
 
 /// One spool line.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use charter::audit::{AuditRecord, AuditSink};
 use charter::config::Config;
 use charter::engine::Engine;
 use charter::gateway::sse::SseParser;
-use charter::AppState;
+use charter::state::AppState;
 use serde_json::{json, Value};
 
 use crate::anthropic_mock::{self as mock, MockUpstream, Recorded, TEST_ID_HEADER};
@@ -78,7 +78,7 @@ pub fn harness() -> &'static Harness {
         config.constitutions.dir = dir;
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("x-api-key", FLAG_CLIENT_KEY.parse().unwrap());
-        let key_id = charter::http::evaluate::client_key_id(&h).unwrap();
+        let key_id = charter::ids::client_key_id(&h).unwrap();
         config
             .gateway
             .constitution_by_key
@@ -461,7 +461,7 @@ async fn violating_prompt_is_refused_without_calling_upstream() {
 
     let records = h.audit.of(m["charter"]["id"].as_str().unwrap());
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].kind, charter::engine::Kind::Prompt);
+    assert_eq!(records[0].kind, charter::evaluate::Kind::Prompt);
     assert_eq!(records[0].verdict, charter::evaluate::Verdict::Fail);
 }
 

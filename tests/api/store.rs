@@ -16,11 +16,11 @@ use sqlx::Connection;
 
 use charter::audit::{AuditRecord, RecordedRule, Source};
 use charter::config::Config;
-use charter::engine::Kind;
+use charter::evaluate::Kind;
 use charter::evaluate::Verdict;
+use charter::state::AppState;
 use charter::store::record::rfc3339;
 use charter::store::Store;
-use charter::AppState;
 
 use crate::common::{self, TestServer};
 
