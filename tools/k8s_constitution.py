@@ -24,8 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
-# Kubernetes refuses objects over 1 MiB; keep room for the metadata.
-MAX_BYTES = 1_000_000
+# Kubernetes refuses objects over 1 MiB; keep 8 KiB for the metadata (name, labels and the
+# managed fields of a server-side apply: a few hundred bytes for a dozen keys).
+MAX_BYTES = 1024 * 1024 - 8 * 1024
 VOLUME = "constitution"
 
 

@@ -65,8 +65,14 @@ def main():
         path = os.path.join(args.out, f"{name}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for e in entries:
-                f.write(json.dumps({"text": e["text"], "label": e["label"], "lang": e["lang"],
-                                    "source": e["source"]}, ensure_ascii=False) + "\n")
+                # Compact lines, no language (the loader ignores it) and no label in the
+                # shared compliant file (its lines may
+                # omit it): the folder must fit a 1 MiB Kubernetes ConfigMap.
+                line = {"text": e["text"], "label": e["label"],
+                        "source": e["source"]}
+                if name == "compliant":
+                    del line["label"]
+                f.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
         print(f"{path}: {len(entries)} exemplars")
 
 

@@ -326,7 +326,12 @@ mod tests {
             .map(|n| line(&format!("o:{n}"), "ok", "big"))
             .collect();
         let ord = write(dir.path(), "ord.jsonl", &many);
-        let data = Data::read_all(&[dev.clone()], &[ord.clone()], ORDINARY_FIT_PER_SOURCE).unwrap();
+        let data = Data::read_all(
+            std::slice::from_ref(&dev),
+            std::slice::from_ref(&ord),
+            ORDINARY_FIT_PER_SOURCE,
+        )
+        .unwrap();
         assert_eq!(data.items.len(), ORDINARY_FIT_PER_SOURCE + 302);
         let fitted = data.items.iter().filter(|i| i.ordinary && i.fit).count();
         assert_eq!(fitted, ORDINARY_FIT_PER_SOURCE);
@@ -334,12 +339,15 @@ mod tests {
         assert_eq!(data.primary_set(), "dev");
         assert!(data.describe().contains("ordinary "));
         // Stable: the same items again.
-        let again = Data::read_all(&[dev.clone()], &[ord], ORDINARY_FIT_PER_SOURCE).unwrap();
+        let again =
+            Data::read_all(std::slice::from_ref(&dev), &[ord], ORDINARY_FIT_PER_SOURCE).unwrap();
         let fit = |d: &Data| -> Vec<bool> { d.items.iter().map(|i| i.fit).collect() };
         assert_eq!(fit(&data), fit(&again));
 
         let bad = write(dir.path(), "bad.jsonl", &[line("v", "violation", "y")]);
-        let err = Data::read_all(&[dev.clone()], &[bad], 1).err().unwrap();
+        let err = Data::read_all(std::slice::from_ref(&dev), &[bad], 1)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("ok items only"), "{err}");
         let dup = write(dir.path(), "dup.jsonl", &[line("a", "ok", "y")]);
         let err = Data::read_all(&[dev], &[dup], 1).err().unwrap();

@@ -81,7 +81,7 @@ fn eval_writes_one_line_per_input_with_ids() {
     assert_eq!(lines[1]["id"], 7);
     assert_eq!(lines[1]["verdict"], "fail");
     assert!(lines[1]["risk"].as_f64().unwrap() > lines[0]["risk"].as_f64().unwrap());
-    assert_eq!(lines[1]["rules"].as_array().unwrap().len(), 9);
+    assert_eq!(lines[1]["rules"].as_array().unwrap().len(), 8);
     assert_eq!(lines[2]["id"], "empty");
     assert_eq!(lines[2]["error"], "empty text");
     assert_eq!(lines[3]["id"], 4, "plain lines are numbered");
@@ -210,6 +210,76 @@ fn bench_writes_a_json_report_and_a_png() {
     assert!(reader.info().width >= 800 && reader.info().height >= 400);
 }
 
+/// A small ordinary-traffic file: the first `n` lines of each committed hand-written set
+/// (English, Chinese, refusals).
+fn ordinary_slice(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    let mut lines = Vec::new();
+    for set in ["en-written", "zh-written", "refusals"] {
+        let text = std::fs::read_to_string(format!(
+            "{}/bench/ordinary/{set}.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        lines.extend(text.lines().take(n).map(str::to_string));
+    }
+    let path = dir.join("ordinary.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+#[test]
+fn bench_reports_false_alarms_on_ordinary_traffic_apart_from_the_headline() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dev_slice(dir.path(), 15);
+    let ordinary = ordinary_slice(dir.path(), 40);
+    let out = dir.path().join("report");
+    let stdout = succeed(
+        charter()
+            .args(["bench", "--data"])
+            .arg(&data)
+            .arg("--ordinary")
+            .arg(&ordinary)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(stdout.contains("ordinary traffic: 120 items"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    // The headline figures are the labelled file's alone.
+    assert_eq!(
+        report["data"]["items"].as_u64().unwrap() as usize,
+        std::fs::read_to_string(&data).unwrap().lines().count()
+    );
+    let o = &report["ordinary"];
+    assert_eq!(o["items"], 120, "{o}");
+    assert_eq!(o["by_lang"]["en"]["items"], 80, "{o}");
+    assert_eq!(o["by_lang"]["zh"]["items"], 40, "{o}");
+    for slice in ["by_lang", "by_kind", "by_lang_kind", "by_source"] {
+        let failed: u64 = o[slice]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|a| a["failed"].as_u64().unwrap())
+            .sum();
+        let rate = o["false_positive_rate"].as_f64().unwrap();
+        assert!((failed as f64 / 120.0 - rate).abs() < 1e-9, "{slice}: {o}");
+    }
+    assert!(o["by_source"]["written-refusal"]["items"].as_u64().unwrap() == 40);
+    assert!(o["by_lang_kind"]["zh/prompt"].is_object(), "{o}");
+    // Every ordinary item has its line, marked, and fails exactly when its risk is > 0.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("items.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ordinary: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["ordinary"] == true).collect();
+    assert_eq!(ordinary.len(), 120);
+    let failed = ordinary.iter().filter(|l| l["verdict"] == "fail").count();
+    let rate = o["false_positive_rate"].as_f64().unwrap();
+    assert!((failed as f64 / 120.0 - rate).abs() < 1e-9);
+}
+
 /// Copies the default constitution (TOML and example files) into `dir`.
 fn copy_constitution(dir: &std::path::Path) {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitution");
@@ -260,7 +330,7 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
     let harm = &file["rules"]["harmful-content"];
     // One weight per dimension of the default model's 3,072-d views.
     assert_eq!(harm["head"]["weights"].as_array().unwrap().len(), 3072);
-    assert_eq!(harm["head"]["knn_weights"].as_array().unwrap().len(), 9);
+    assert_eq!(harm["head"]["knn_weights"].as_array().unwrap().len(), 8);
 
     let server = crate::common::TestServer::start(&[("CHARTER__CONSTITUTIONS__DIR", &cdir)]);
     let after = default_version(&server).await;
@@ -275,6 +345,30 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
     let good = crate::common::evaluate(&server, "What is a good recipe for tomato soup?").await;
     assert_eq!(bad["verdict"], "fail", "{bad}");
     assert_eq!(good["verdict"], "pass", "{good}");
+    // The slice has no neutrality items, so no head was fitted for that rule: it cannot
+    // fire, and both `check` and the constitution endpoint say so.
+    let detail = crate::common::get_json(&server, "/v1/constitutions/default").await;
+    assert_eq!(
+        detail["cannot_fire"],
+        serde_json::json!(["neutrality"]),
+        "{detail}"
+    );
+    let neutrality = detail["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "neutrality")
+        .unwrap();
+    assert_eq!(neutrality["can_fire"], false);
+    let checked = succeed(
+        charter()
+            .arg("check")
+            .arg(constitutions.join("default.toml")),
+    );
+    assert!(
+        checked.contains("with use-m3, these rules can never be violated: neutrality"),
+        "{checked}"
+    );
     let threshold = harm["threshold"].as_f64().unwrap();
     let served = bad["results"][0]["rules"]
         .as_array()
@@ -287,6 +381,65 @@ async fn calibrate_fits_heads_and_changes_the_served_version() {
         .unwrap();
     assert!((served - threshold).abs() < 1e-4, "{served} vs {threshold}");
     server.stop().unwrap();
+}
+
+/// With ordinary traffic and a bound on its false alarms, calibrate raises the threshold
+/// until no more than the bound of each language's ordinary items fail out of fold (0
+/// here: none), records the bound, and fits every rule of the labelled data a head.
+#[test]
+fn calibrate_with_ordinary_traffic_keeps_its_false_alarms_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let constitutions = dir.path().join("constitution");
+    copy_constitution(&constitutions);
+    let data = dev_slice(dir.path(), 10);
+    let ordinary = ordinary_slice(dir.path(), 60);
+    let neutrality =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/neutrality.jsonl");
+    let stdout = succeed(
+        charter()
+            .args([
+                "calibrate",
+                "--target",
+                "recall=0.9",
+                "--max-ordinary-fpr",
+                "0",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--data")
+            .arg(&neutrality)
+            .arg("--ordinary")
+            .arg(&ordinary)
+            .env(
+                "CHARTER__CONSTITUTIONS__DIR",
+                constitutions.to_str().unwrap(),
+            ),
+    );
+    for lang in ["en", "zh"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("ordinary traffic {lang} ")))
+            .unwrap_or_else(|| panic!("no {lang} line: {stdout}"));
+        assert!(line.ends_with("false alarms 0.0000"), "{line}");
+    }
+    let file: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(constitutions.join("default.calibration.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file["max_ordinary_fpr"], 0.0);
+    assert_eq!(file["ordinary_weight"], 1.0);
+    assert!(
+        file["data"].as_str().unwrap().contains("ordinary "),
+        "{}",
+        file["data"]
+    );
+    assert!(file["rules"]["neutrality"]["head"].is_object());
+    let checked = succeed(
+        charter()
+            .arg("check")
+            .arg(constitutions.join("default.toml")),
+    );
+    assert!(!checked.contains("never be violated"), "{checked}");
 }
 
 /// With `model.ensemble`, calibrate fits both models (one file each) and the pair's
