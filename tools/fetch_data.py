@@ -74,6 +74,9 @@ import time
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from setup_assets import ensure_venv, sha256_file  # noqa: E402  (the same checks as the models')
+
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 
@@ -126,12 +129,6 @@ def log(msg: str) -> None:
     print(f"fetch-data: {msg}", file=sys.stderr, flush=True)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None, stdin: str | None = None) -> str:
@@ -222,21 +219,6 @@ def unpack_deb(deb: Path, dest: Path) -> Path:
     return dest
 
 
-def ensure_venv(venv: Path, requirements: list[str], name: str) -> Path:
-    """A private venv holding exactly `requirements`; rebuilt when they change."""
-    python = venv / "bin" / "python"
-    stamp = venv / ".requirements"
-    wanted = "\n".join(requirements)
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    log(f"creating {name} environment in {venv}")
-    if venv.exists():
-        shutil.rmtree(venv)
-    run([sys.executable, "-m", "venv", str(venv)], f"creating the {name} venv")
-    run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         *requirements], f"installing the {name} requirements")
-    stamp.write_text(wanted)
-    return python
 
 
 # ----------------------------------------------------------------------------- text helpers

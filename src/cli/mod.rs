@@ -79,17 +79,8 @@ enum Command {
     /// kind, category, source) with grouped 5-fold cross-validation; writes report.json and
     /// report.png into --out and prints a summary.
     Bench {
-        /// Labelled data, e.g. ../shared/bench/dev.jsonl; repeatable: the first file gives
-        /// the headline figures, each further one its own.
-        #[arg(long, value_name = "FILE", required = true)]
-        data: Vec<PathBuf>,
-        /// Ordinary traffic (JSONL of the same format, every item ok); repeatable. Its
-        /// false-alarm rate is reported per language, kind and source.
-        #[arg(long, value_name = "FILE")]
-        ordinary: Vec<PathBuf>,
-        /// Items of each ordinary source the heads are fitted on, at most (as calibrate's).
-        #[arg(long, value_name = "N", default_value_t = charter::quality::ORDINARY_FIT_PER_SOURCE)]
-        ordinary_fit: usize,
+        #[command(flatten)]
+        files: DataArgs,
         /// Constitution id (default: constitutions.default).
         #[arg(long)]
         constitution: Option<String>,
@@ -108,16 +99,8 @@ enum Command {
         /// Constitution id (default: constitutions.default).
         #[arg(long)]
         constitution: Option<String>,
-        /// Labelled data (the `bench` format); repeatable.
-        #[arg(long, value_name = "FILE", required = true)]
-        data: Vec<PathBuf>,
-        /// Ordinary traffic (every item ok), negatives of the heads' fit; repeatable.
-        #[arg(long, value_name = "FILE")]
-        ordinary: Vec<PathBuf>,
-        /// Items of each ordinary source the heads are fitted on, at most (a stable sample
-        /// of whole groups); the rest are only scored.
-        #[arg(long, value_name = "N", default_value_t = charter::quality::ORDINARY_FIT_PER_SOURCE)]
-        ordinary_fit: usize,
+        #[command(flatten)]
+        files: DataArgs,
         /// With --ordinary: raise the threshold until at most this share of the ordinary
         /// items of each language fail out of fold, and twice it of the hard ones
         /// (refusals); the recall it leaves is printed.
@@ -205,9 +188,7 @@ pub fn run(cli: Cli) -> ExitCode {
             |config| runtime().block_on(eval::eval(config, constitution, file)),
         ),
         Command::Bench {
-            data,
-            ordinary,
-            ordinary_fit,
+            files,
             constitution,
             out,
             config,
@@ -215,16 +196,13 @@ pub fn run(cli: Cli) -> ExitCode {
             config.as_deref(),
             |_| Ok(()),
             |config| {
-                let files = (data, ordinary, ordinary_fit);
                 let run = |data, engine| bench::bench(engine, data, constitution, out);
                 runtime().block_on(with_labelled(config, files, run))
             },
         ),
         Command::Calibrate {
             constitution,
-            data,
-            ordinary,
-            ordinary_fit,
+            files,
             max_ordinary_fpr,
             ordinary_weight,
             oof_items,
@@ -244,7 +222,6 @@ pub fn run(cli: Cli) -> ExitCode {
                     max_ordinary_fpr,
                     oof_items,
                 };
-                let files = (data, ordinary, ordinary_fit);
                 let run = |data, engine| calibrate::calibrate(engine, data, constitution, options);
                 runtime().block_on(with_labelled(config, files, run))
             },
@@ -270,9 +247,22 @@ fn with_config(
     run(config)
 }
 
-/// Labelled files, ordinary-traffic files, and how many items of each ordinary source
-/// are fitted on.
-type DataFiles = (Vec<PathBuf>, Vec<PathBuf>, usize);
+/// The data of `bench` and `calibrate`.
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// Labelled data, e.g. ../shared/bench/dev.jsonl; repeatable: the first file gives the
+    /// headline figures, each further one its own.
+    #[arg(long, value_name = "FILE", required = true)]
+    data: Vec<PathBuf>,
+    /// Ordinary traffic (the same JSONL, every item ok); repeatable. Its false-alarm rate
+    /// is reported per language, kind and source; calibrate fits on it as negatives.
+    #[arg(long, value_name = "FILE")]
+    ordinary: Vec<PathBuf>,
+    /// Items of each ordinary source the heads are fitted on, at most (a stable sample of
+    /// whole groups); the rest are only scored. 0: score ordinary traffic, never fit on it.
+    #[arg(long, value_name = "N", default_value_t = charter::quality::ORDINARY_FIT_PER_SOURCE)]
+    ordinary_fit: usize,
+}
 
 /// A rate in [0, 1).
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -292,13 +282,12 @@ fn parse_weight(s: &str) -> Result<f64, String> {
 
 /// The prelude of `bench` and `calibrate`: read the labelled data (exit 2 when it cannot
 /// be read), load the engine (exit 1 when it fails), then run; errors are printed.
-async fn with_labelled<F, Fut>(config: Config, files: DataFiles, run: F) -> ExitCode
+async fn with_labelled<F, Fut>(config: Config, files: DataArgs, run: F) -> ExitCode
 where
     F: FnOnce(Data, Arc<Engine>) -> Fut,
     Fut: Future<Output = ExitCode>,
 {
-    let (labelled, ordinary, fit) = files;
-    let data = match Data::read_all(&labelled, &ordinary, fit) {
+    let data = match Data::read_all(&files.data, &files.ordinary, files.ordinary_fit) {
         Ok(data) => data,
         Err(e) => {
             eprintln!("charter: {e}");
