@@ -114,6 +114,18 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
     top.draw_text(&figures, &(FONT, 15).into_font().color(&BLACK), (12, 38))?;
     let panels = body.split_evenly((1, 2));
 
+    draw_risks(&panels[0], items, risks)?;
+    draw_roc(&panels[1], report, items, risks)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The left panel: where each kind of item falls on the risk axis.
+fn draw_risks(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    items: &[Item],
+    risks: &[f32],
+) -> DrawResult {
     // Left: where each kind of item falls on the risk axis; the verdict is fail right of 0.
     let lo = quantile(risks, 0.005).min(-0.05);
     let hi = quantile(risks, 0.995).max(0.05);
@@ -162,7 +174,7 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         .flat_map(|s| s.2.iter().map(|p| p.1))
         .fold(0.0f32, f32::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&panels[0])
+    let mut chart = ChartBuilder::on(area)
         .caption(
             "Risk by label (verdict fail right of 0)",
             (FONT, 18).into_font(),
@@ -197,8 +209,19 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         .background_style(WHITE.mix(0.85))
         .draw()?;
 
+    Ok(())
+}
+
+/// The right panel: ROC curves of the headline items, all and each language, with the
+/// operating point of the thresholds in force.
+fn draw_roc(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    report: &Report,
+    items: &[Item],
+    risks: &[f32],
+) -> DrawResult {
     // Right: ROC curves, all items and each language.
-    let mut chart = ChartBuilder::on(&panels[1])
+    let mut chart = ChartBuilder::on(area)
         .caption("ROC curves", (FONT, 18).into_font())
         .margin(15)
         .x_label_area_size(45)
@@ -269,7 +292,6 @@ fn draw(buf: &mut [u8], report: &Report, items: &[Item], risks: &[f32]) -> DrawR
         .border_style(BLACK)
         .background_style(WHITE.mix(0.85))
         .draw()?;
-    root.present()?;
     Ok(())
 }
 
