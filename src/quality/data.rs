@@ -255,9 +255,9 @@ fn read_file(path: &Path, ordinary: bool) -> Result<(String, Vec<Item>), Quality
     Ok((sha256, items))
 }
 
-/// Marks at most `cap` ordinary items per source as fitted on:
-/// whole groups, in the order of their hash (stable, and unrelated to the folds'
-/// hash order within a source since both take the same hash but folds use its residue).
+/// Marks at most `cap` ordinary items per source as fitted on: whole groups, in the order
+/// of a hash of `fit\0<group>` (stable across runs, and independent of the folds' hash, so
+/// every fold keeps about the same share of fitted items).
 fn choose_ordinary_fit(items: &mut [Item], cap: usize) {
     let mut by_source: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, item) in items.iter().enumerate() {
