@@ -28,6 +28,12 @@ pub async fn calibrate(
                         .map_or(String::new(), |m| format!(", sentence margin {m:.3}")),
                 );
             }
+            if let Some(o) = c.files.first().and_then(|(_, cal)| cal.threshold_offset) {
+                println!(
+                    "threshold offset {o:+.4} included (measured where the encoder never saw the \
+                     text); the out-of-fold figures below saw it, so they are in-sample"
+                );
+            }
             if let Some(t) = c.ensemble_threshold {
                 println!("ensemble: threshold {t:.4} on the two models' mean margin");
             }

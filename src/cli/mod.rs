@@ -113,6 +113,16 @@ enum Command {
         /// bench; thresholds are the fitted ones, so rates read off it are in-sample).
         #[arg(long, value_name = "FILE")]
         oof_items: Option<PathBuf>,
+        /// Added to the fitted shared threshold (`--scorer head`): for a model whose
+        /// encoder was fine-tuned on this data, the shift measured on texts it never saw
+        /// (tools/tune_cv.py writes it; the printed figures are then in-sample).
+        #[arg(
+            long,
+            value_name = "LOGIT",
+            default_value_t = 0.0,
+            allow_negative_numbers = true
+        )]
+        threshold_offset: f32,
         /// f1 (best F1), fpr=RATE (highest recall at most this false-positive rate) or
         /// recall=RATE (highest threshold reaching this recall).
         #[arg(long, default_value = "recall=0.79")]
@@ -206,6 +216,7 @@ pub fn run(cli: Cli) -> ExitCode {
             max_ordinary_fpr,
             ordinary_weight,
             oof_items,
+            threshold_offset,
             target,
             scorer,
             scary_weight,
@@ -221,6 +232,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     ordinary_weight,
                     max_ordinary_fpr,
                     oof_items,
+                    threshold_offset,
                 };
                 let run = |data, engine| calibrate::calibrate(engine, data, constitution, options);
                 runtime().block_on(with_labelled(config, files, run))

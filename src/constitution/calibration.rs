@@ -40,6 +40,11 @@ pub struct Calibration {
     /// meet (out of fold), when one was set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ordinary_fpr: Option<f64>,
+    /// Added to the fitted threshold: for an encoder fine-tuned on the calibration data,
+    /// whose in-sample margins run higher than on new text, the cut measured on texts the
+    /// encoder never saw (`tools/tune_cv.py`; the rules' thresholds already include it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_offset: Option<f32>,
     /// With `model.ensemble`: the threshold on the two models' mean margin, fitted when
     /// this model and `with` were calibrated together.
     #[serde(default, skip_serializing_if = "Option::is_none")]

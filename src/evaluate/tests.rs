@@ -208,6 +208,7 @@ fn calibrated_index(exemplars: Option<String>) -> Index {
         scary_weight: None,
         ordinary_weight: None,
         max_ordinary_fpr: None,
+        threshold_offset: None,
         ensemble: None,
         rules: [
             (

@@ -60,6 +60,9 @@ pub struct CalibrateOptions {
     pub max_ordinary_fpr: Option<f64>,
     /// Where to write every item's out-of-fold margins (the `items.jsonl` format).
     pub oof_items: Option<PathBuf>,
+    /// Added to the fitted shared threshold (heads only): see
+    /// [`Calibration::threshold_offset`].
+    pub threshold_offset: f32,
 }
 
 /// Sample weights of safe-but-scary ok items, per model: `W` for every model, or
@@ -145,6 +148,7 @@ fn fit_member(
         let cv = heads::HeadCv::new(index, items, embedded, FOLDS, params);
         let scored = cv.oof(&[]);
         let (t, margin) = cv.threshold_and_margin(&scored).ok_or_else(lacking)?;
+        let t = t + options.threshold_offset;
         let mut oof = vec![Vec::new(); items.len()];
         for (i, s) in &scored {
             oof[*i] = s.margins(t, margin);
@@ -178,6 +182,7 @@ fn fit_member(
         max_ordinary_fpr: options
             .max_ordinary_fpr
             .filter(|_| with_heads && data.has_ordinary()),
+        threshold_offset: Some(options.threshold_offset).filter(|o| with_heads && *o != 0.0),
         ensemble: None,
         rules: index
             .rules()
