@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Models the tests use: the default and a second selectable one.
 TEST_MODELS ?= use-m3,minilm-l6-int8
 
-.PHONY: run test setup setup-test lint unit bench-gateway data calibrate calibrate-ordinary bench-quality
+.PHONY: run test setup setup-test lint unit bench-gateway data calibrate calibrate-ordinary bench-quality tune tune-cv
 
 ## Build and run the service on its embedded defaults (SQLite, default constitution, default model).
 run: setup
@@ -59,7 +59,23 @@ calibrate: setup
 calibrate-ordinary: setup data
 	$(CARGO) run --release -- calibrate $(QUALITY_DATA) --target recall=0.80 --max-ordinary-fpr 0.01
 
+## Fine-tune USE-m3's dense layers (issue 22, experimental: not the default, BENCHMARKS.md)
+## with PyTorch in assets/train-venv (made on first use) into assets/tune/use_m3_tuned.npz.
+TUNE_ARGS ?= --response-weight 3 --answer-share 0.5
+tune: data
+	mkdir -p assets/tune
+	$(PYTHON) tools/tune_use.py train $(QUALITY_DATA) $(TUNE_ARGS) --out assets/tune/use_m3_tuned.npz
+
+## The fine-tune's grouped cross-validation: one encoder per fold, Charter's bench on each,
+## every text scored by an encoder, heads and thresholds that never saw it (about 25 minutes
+## on a quiet machine) -> bench-report/tune-cv/summary.json.
+tune-cv: setup data
+	$(CARGO) build --release
+	$(PYTHON) tools/tune_cv.py $(QUALITY_DATA) --out bench-report/tune-cv $(foreach a,$(TUNE_ARGS),--train-arg=$(a)) -- --ordinary-fit 0
+
 ## Grouped-CV quality report of the default constitution, with the ordinary traffic scored
-## (not fitted: --ordinary-fit 0, as the shipped calibration), into bench-report/.
+## (not fitted: --ordinary-fit 0, as the shipped calibration), into bench-report/. The
+## heads and thresholds are fitted per fold, the encoder is not: with the fine-tuned
+## `use-m3` it saw every labelled text, so the honest figures are tune-cv's.
 bench-quality: setup data
 	$(CARGO) run --release -- bench $(QUALITY_DATA) --ordinary-fit 0 --out bench-report
