@@ -1,9 +1,24 @@
 //! The ids a request carries or is given: the request id header, evaluation ids and the
-//! non-secret id of a client's API key. Shared by the API's handlers and the gateway.
+//! non-secret id of a client's API key; and whether its body is declared JSON. Shared by
+//! the API's handlers and the gateway.
 //!
 //! Owns: how these ids are made. Must not: import any other module of the crate.
 
 use axum::http::{header, HeaderMap, HeaderName};
+
+/// `application/json` or `application/*+json`, with any parameters.
+pub fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
+    let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > "application/+json".len()
+            && essence
+                .get(.."application/".len())
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/"))
+            && essence.to_ascii_lowercase().ends_with("+json"))
+}
 
 /// The request id header: set by the HTTP layer when absent, echoed in the response and
 /// copied into gateway audit records.
@@ -40,6 +55,18 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        let v = |s: &'static str| header::HeaderValue::from_static(s);
+        assert!(is_json(Some(&v("application/json"))));
+        assert!(is_json(Some(&v("Application/JSON; charset=utf-8"))));
+        assert!(is_json(Some(&v("application/merge-patch+json"))));
+        assert!(!is_json(None));
+        assert!(!is_json(Some(&v("text/plain"))));
+        assert!(!is_json(Some(&v("application/x-www-form-urlencoded"))));
+        assert!(!is_json(Some(&v("text/+json"))));
+    }
 
     #[test]
     fn key_ids_hide_the_key() {

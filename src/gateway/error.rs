@@ -17,6 +17,9 @@ pub enum GatewayError {
     /// The request cannot be handled as sent (not JSON, unknown constitution, ...).
     #[error("{0}")]
     InvalidRequest(String),
+    /// The body is not sent as JSON (`content-type`).
+    #[error("send the body as application/json")]
+    UnsupportedMediaType,
     #[error("request body is larger than the gateway's limit")]
     BodyTooLarge,
     /// The model and constitutions are still loading, or the service is stopping.
@@ -46,6 +49,11 @@ impl GatewayError {
             GatewayError::InvalidRequest(m) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", m.clone())
             }
+            GatewayError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "send the body as application/json (content-type)".into(),
+            ),
             GatewayError::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
@@ -111,6 +119,7 @@ impl IntoResponse for GatewayError {
                 tracing::warn!(error = %detail, "upstream failure")
             }
             GatewayError::InvalidRequest(_)
+            | GatewayError::UnsupportedMediaType
             | GatewayError::BodyTooLarge
             | GatewayError::NotReady
             | GatewayError::Overloaded { .. }
@@ -128,6 +137,7 @@ impl IntoResponse for GatewayError {
                 headers.insert("x-should-retry", HeaderValue::from_static("true"));
             }
             GatewayError::InvalidRequest(_)
+            | GatewayError::UnsupportedMediaType
             | GatewayError::BodyTooLarge
             | GatewayError::UpstreamUnreachable(_)
             | GatewayError::UpstreamTimeout

@@ -125,6 +125,9 @@ pub async fn exchange(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let config = &gw.config().gateway;
+    if !crate::ids::is_json(headers.get(header::CONTENT_TYPE)) {
+        return Err(GatewayError::UnsupportedMediaType);
+    }
     let bytes = read_body(body, config.body_limit_bytes).await?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::InvalidRequest(format!("the request body is not valid JSON: {e}"))

@@ -125,6 +125,14 @@ pub fn validate(
         if t.trim().is_empty() {
             return Err(AppError::invalid(field(), "must not be empty"));
         }
+        // PostgreSQL text cannot hold NUL: refused before evaluation, so the audited text
+        // is always the evaluated one.
+        if let Some(at) = t.chars().position(|c| c == '\0') {
+            return Err(AppError::invalid(
+                field(),
+                format!("holds a NUL character (at character {at}); NUL is not accepted"),
+            ));
+        }
         // Cheap bound first: a string of more bytes than 4x the limit is over it anyway.
         if t.len() > max_chars && (t.len() > 4 * max_chars || t.chars().count() > max_chars) {
             return Err(AppError::TooLarge {
@@ -253,6 +261,14 @@ mod tests {
 
     #[test]
     fn single_and_batch() {
+        assert_eq!(
+            field(validate(&mut req(r#"{"text": "a\u0000b"}"#), 10, 2).unwrap_err()),
+            "text"
+        );
+        assert_eq!(
+            field(validate(&mut req(r#"{"texts": ["ok", "\u0000"]}"#), 10, 2).unwrap_err()),
+            "texts[1]"
+        );
         let (t, batch) = validate(&mut req(r#"{"text": "hi"}"#), 10, 2).unwrap();
         assert_eq!((t.len(), batch), (1, false));
         let (t, batch) = validate(&mut req(r#"{"texts": ["a", "b"]}"#), 10, 2).unwrap();

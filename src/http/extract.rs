@@ -1,4 +1,6 @@
-//! `ApiJson<T>`: a JSON body extractor whose rejections use our error shape: syntax errors
+//! `ApiJson<T>`: a JSON body extractor whose rejections use our error shape: a body
+//! without a JSON `content-type` is 415 (so a page on another site cannot post to the API
+//! with a simple form or `text/plain` request), syntax errors and data after the JSON value
 //! are 400 `malformed_json`, wrong or missing fields are 422 with the field's path, an
 //! oversized body is 413.
 
@@ -19,12 +21,8 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("");
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            if !(essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")) {
-                return Err(AppError::UnsupportedMediaType);
-            }
+        if !crate::ids::is_json(req.headers().get(header::CONTENT_TYPE)) {
+            return Err(AppError::UnsupportedMediaType);
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
@@ -37,9 +35,19 @@ where
     }
 }
 
-/// Parses a JSON body, naming the offending field on data errors.
+/// Parses a JSON body, naming the offending field on data errors; anything but whitespace
+/// after the value is malformed (`{"text":"a"}{"text":"b"}` is not one request).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = deserialize(de)?;
+    de.end()
+        .map_err(|e| AppError::MalformedJson(format!("data after the JSON value: {e}")))?;
+    Ok(value)
+}
+
+fn deserialize<'de, T: DeserializeOwned>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+) -> Result<T, AppError> {
     serde_path_to_error::deserialize(de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
@@ -96,5 +104,18 @@ mod tests {
             Err(AppError::Invalid { field, .. }) => assert_eq!(field, "n"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn data_after_the_value_is_malformed_whitespace_is_not() {
+        assert!(matches!(
+            parse::<T>(br#"{"text":"hi"}{"text":"second"}"#),
+            Err(AppError::MalformedJson(m)) if m.contains("after the JSON value")
+        ));
+        assert!(matches!(
+            parse::<T>(br#"{"text":"hi"} x"#),
+            Err(AppError::MalformedJson(_))
+        ));
+        assert!(parse::<T>(b"{\"text\":\"hi\"}\n\t ").is_ok());
     }
 }

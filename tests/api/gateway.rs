@@ -192,13 +192,20 @@ impl Answer {
     }
 }
 
-/// POSTs `body` (bytes as given) to the gateway with `headers`.
+/// POSTs `body` (bytes as given) to the gateway with `headers` (and, as every SDK sends,
+/// `content-type: application/json` unless `headers` name one).
 pub async fn post(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
     let h = harness();
     let mut request = reqwest::Client::new()
         .post(h.url(path))
         .timeout(Duration::from_secs(120))
         .body(body.to_vec());
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        request = request.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
