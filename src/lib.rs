@@ -156,8 +156,24 @@ async fn serve(
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
+/// Resolves on SIGTERM or Ctrl-C. SIGHUP, which would end the process by default (a
+/// terminal closing, or an operator expecting a reload), is logged and ignored: Charter
+/// has no reload on SIGHUP yet (restart to change constitutions).
 pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    let hangup = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut s) => loop {
+                s.recv().await;
+                tracing::warn!(
+                    "SIGHUP received and ignored: restart to load changed constitutions"
+                );
+            },
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let hangup = std::future::pending::<()>();
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -175,5 +191,6 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+        _ = hangup => {},
     }
 }

@@ -1255,6 +1255,47 @@ async fn sigterm_and_sigkill_mid_load_lose_no_answered_request() {
     tokio::task::block_in_place(|| third.stop());
 }
 
+/// SIGHUP under load is logged and ignored: the process keeps serving, no request fails,
+/// and it still stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![
+        (
+            "CHARTER__DATABASE__URL",
+            format!("sqlite://{}?mode=rwc", dir.path().join("a.db").display()),
+        ),
+        (
+            "CHARTER__AUDIT__SPOOL_DIR",
+            dir.path().display().to_string(),
+        ),
+    ];
+    let service = tokio::task::block_in_place(|| Service::spawn(&env));
+    let client = reqwest::Client::new();
+    let url = service.url("/v1/evaluate");
+    let mut statuses = Vec::new();
+    for round in 0..40 {
+        if round % 10 == 5 {
+            service.signal("HUP");
+        }
+        let body = json!({"texts": texts(&format!("hup-{round}"), 4)});
+        let r = client
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .expect("answered");
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(
+        service.log_text().contains("SIGHUP received and ignored"),
+        "{}",
+        service.log_text()
+    );
+    tokio::task::block_in_place(|| service.stop());
+}
+
 /// The gateway's evaluations reach the store like the API's: a plain exchange (prompt and
 /// output) and a stream cut by a violation, each queryable with `source=gateway` and saying
 /// what was checked and what was done.
