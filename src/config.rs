@@ -50,6 +50,45 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long shutdown waits for in-flight requests before giving up.
     pub shutdown_timeout_secs: u64,
+    /// Browser origins allowed to call the API (CORS), comma-separated, or `*`; empty:
+    /// no CORS headers, so browsers keep other sites' pages out.
+    #[serde(default)]
+    pub cors_origins: String,
+}
+
+impl ServerConfig {
+    /// The CORS origins: `None` when CORS is off, `Some(vec![])` for any origin (`*`).
+    pub fn cors(&self) -> Result<Option<Vec<axum::http::HeaderValue>>, String> {
+        let origins: Vec<&str> = self
+            .cors_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .collect();
+        if origins.is_empty() {
+            return Ok(None);
+        }
+        if origins == ["*"] {
+            return Ok(Some(Vec::new()));
+        }
+        origins
+            .iter()
+            .map(|o| {
+                let url = reqwest::Url::parse(o).map_err(|e| format!("{o:?}: {e}"))?;
+                let bare = matches!(url.scheme(), "http" | "https")
+                    && url.path() == "/"
+                    && url.query().is_none()
+                    && !o.ends_with('/');
+                if !bare || *o == "*" {
+                    return Err(format!(
+                        "{o:?} is not an origin (scheme://host[:port], or \"*\" alone)"
+                    ));
+                }
+                axum::http::HeaderValue::from_str(o).map_err(|e| format!("{o:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +168,40 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// tracing filter directive, e.g. `info` or `charter=debug,tower_http=info`.
     pub filter: String,
+}
+
+/// Dependencies whose debug and trace output floods a log (the tokenizer traces every
+/// text: 470 MB in seconds at `trace`): held at `info` unless the filter names them.
+const CHATTY_DEPENDENCIES: &[&str] = &[
+    "tokenizers",
+    "ort",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+    "sqlx",
+];
+
+impl LogConfig {
+    /// The filter to install: `filter`, with every chatty dependency it does not name
+    /// held at `info`.
+    pub fn directives(&self) -> String {
+        let mut out = self.filter.trim().to_string();
+        for dep in CHATTY_DEPENDENCIES {
+            let named = self.filter.split(',').any(|d| {
+                let target = d.trim().split(['=', '[']).next().unwrap_or("");
+                target == *dep || target.starts_with(&format!("{dep}::"))
+            });
+            if !named {
+                if !out.is_empty() {
+                    out.push(',');
+                }
+                out.push_str(&format!("{dep}=info"));
+            }
+        }
+        out
+    }
 }
 
 /// The Anthropic Messages gateway (`src/gateway/`).
@@ -309,6 +382,9 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        if let Err(e) = self.server.cors() {
+            return invalid("server.cors_origins", &e);
+        }
         if self.model.workers == 0 {
             return invalid("model.workers", "must be at least 1");
         }
@@ -476,6 +552,56 @@ impl GatewayConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cors_origins_are_off_any_or_a_list_of_origins() {
+        let cors = |origins: &str| {
+            super::Config::load_from(
+                None,
+                [(
+                    "CHARTER__SERVER__CORS_ORIGINS".to_string(),
+                    origins.to_string(),
+                )],
+            )
+            .map(|c| c.server.cors().unwrap())
+        };
+        assert_eq!(cors("").unwrap(), None);
+        assert_eq!(cors("*").unwrap(), Some(Vec::new()));
+        let two = cors("https://a.example, http://localhost:3000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(two.len(), 2);
+        for bad in [
+            "a.example",
+            "https://a.example/path",
+            "*,https://a.example",
+            "ftp://x",
+        ] {
+            let err = cors(bad).unwrap_err().to_string();
+            assert!(err.contains("server.cors_origins"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn chatty_dependencies_stay_at_info_unless_named() {
+        let log = |filter: &str| super::LogConfig {
+            format: super::LogFormat::Text,
+            filter: filter.into(),
+        };
+        let d = log("trace").directives();
+        assert!(d.starts_with("trace,") && d.contains("tokenizers=info") && d.contains("ort=info"));
+        let d = log("info,tokenizers=trace").directives();
+        assert!(
+            d.contains("tokenizers=trace") && !d.contains("tokenizers=info"),
+            "{d}"
+        );
+        assert!(log("sqlx::query=debug")
+            .directives()
+            .contains("sqlx::query=debug"));
+        assert!(!log("sqlx::query=debug").directives().contains("sqlx=info"));
+        let all: tracing_subscriber::EnvFilter = log("debug").directives().parse().unwrap();
+        assert!(all.to_string().contains("tokenizers=info"));
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

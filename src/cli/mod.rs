@@ -316,7 +316,7 @@ where
 }
 
 fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
+    let filter = tracing_subscriber::EnvFilter::try_new(config.log.directives())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

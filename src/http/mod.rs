@@ -34,7 +34,8 @@ pub fn router(state: AppState) -> Router {
     let config = state.config();
     let timeout = Duration::from_secs(config.server.request_timeout_secs);
     let body_limit = config.server.body_limit_bytes;
-    Router::new()
+    let cors = cors_layer(config);
+    let router = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/v1/evaluate", post(evaluate::evaluate))
@@ -77,7 +78,38 @@ pub fn router(state: AppState) -> Router {
             header::PROXY_AUTHORIZATION,
             header::COOKIE,
             HeaderName::from_static("x-api-key"),
-        ]))
+        ]));
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins (`server.cors_origins`, checked at load), or none: then
+/// a browser refuses other sites' pages a cross-origin JSON request at its preflight.
+fn cors_layer(config: &crate::config::Config) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = config.server.cors().ok().flatten()?;
+    let allow = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("anthropic-version"),
+                HeaderName::from_static("anthropic-beta"),
+                REQUEST_ID,
+            ])
+            .expose_headers([REQUEST_ID, HeaderName::from_static("x-charter-action")])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn not_found() -> AppError {

@@ -574,3 +574,68 @@ async fn harmful_answers_fail() {
         texts.len()
     );
 }
+
+/// Strict input (issue 21): what is not one JSON request is refused with the right status
+/// and a JSON error body, on the API and on the gateway.
+#[tokio::test]
+async fn lenient_input_is_refused_with_a_json_error() {
+    let server = common::shared();
+    let client = reqwest::Client::new();
+    let send = |path: &str, content_type: Option<&str>, body: &'static str| {
+        let mut r = client.post(server.url(path)).body(body);
+        if let Some(ct) = content_type {
+            r = r.header("content-type", ct);
+        }
+        async move {
+            let r = r.send().await.expect("answered");
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.expect("a JSON error body");
+            (status, body)
+        }
+    };
+    let json = Some("application/json");
+    let (status, body) = send("/v1/evaluate", json, r#"{"text":"hi"}{"text":"second"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "malformed_json", "{body}");
+    let (status, body) = send("/v1/evaluate", None, r#"{"text":"hi"}"#).await;
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = send("/v1/evaluate", Some("text/plain"), r#"{"text":"hi"}"#).await;
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = send("/v1/evaluate", json, r#"{"texts":["ok","a\u0000b"]}"#).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "texts[1]", "{body}");
+    // The gateway answers in the Messages API's error shape.
+    let (status, body) = send("/v1/messages", Some("text/plain"), r#"{"model":"m"}"#).await;
+    assert_eq!(status, 415, "{body}");
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+}
+
+/// CORS is off unless origins are configured; then only they pass a preflight.
+#[tokio::test]
+async fn cors_answers_only_configured_origins() {
+    let preflight = |server: &TestServer, origin: &'static str| {
+        let url = server.url("/v1/evaluate");
+        async move {
+            reqwest::Client::new()
+                .request(reqwest::Method::OPTIONS, url)
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "content-type")
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+    let r = preflight(common::shared(), "https://elsewhere.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let server = TestServer::start(&[("CHARTER__SERVER__CORS_ORIGINS", "https://console.example")]);
+    let r = preflight(&server, "https://console.example").await;
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://console.example"
+    );
+    let r = preflight(&server, "https://elsewhere.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
