@@ -258,8 +258,10 @@ pub struct DatabaseConfig {
     pub url: Secret,
     /// Connection pool size.
     pub max_connections: u32,
-    /// How long one attempt waits for a connection.
+    /// How long one attempt waits for a connection (the writer).
     pub connect_timeout_secs: u64,
+    /// How long a query of the query API waits for a connection: 503 after it.
+    pub query_timeout_ms: u64,
     /// Apply pending migrations at start-up.
     pub migrate: bool,
 }

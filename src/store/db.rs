@@ -121,8 +121,10 @@ macro_rules! evaluation_from_row {
 
 impl Db {
     /// A pool that connects on first use: the service starts (and spools) while the
-    /// database is down. Fails only on a malformed URL.
-    pub fn connect_lazy(config: &DatabaseConfig) -> Result<Db, sqlx::Error> {
+    /// database is down. Fails only on a malformed URL. `acquire` bounds the wait for a
+    /// connection (the writer's is `connect_timeout_secs`; the query API's is short, so
+    /// it answers 503 fast during an outage).
+    pub fn connect_lazy(config: &DatabaseConfig, acquire: Duration) -> Result<Db, sqlx::Error> {
         let url = config.url.expose();
         let timeout = Duration::from_secs(config.connect_timeout_secs);
         if url.starts_with("sqlite:") {
@@ -134,7 +136,7 @@ impl Db {
             Ok(Db::Sqlite(
                 PoolOptions::new()
                     .max_connections(config.max_connections)
-                    .acquire_timeout(timeout)
+                    .acquire_timeout(acquire)
                     .connect_lazy_with(options),
             ))
         } else {
@@ -142,7 +144,7 @@ impl Db {
             Ok(Db::Postgres(
                 PoolOptions::new()
                     .max_connections(config.max_connections)
-                    .acquire_timeout(timeout)
+                    .acquire_timeout(acquire)
                     .connect_lazy_with(options),
             ))
         }

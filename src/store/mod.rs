@@ -52,7 +52,8 @@ pub enum StoreError {
 /// The store: the sink that request handlers record into, the query side, and the
 /// handles to stop the background tasks.
 pub struct Store {
-    db: Db,
+    /// The query API's pool (the writer and the purge loop hold the other) (`database.query_timeout_ms` to get a connection).
+    queries: Db,
     recorder: Arc<Recorder>,
     metrics: Arc<Metrics>,
     queue_capacity: usize,
@@ -91,7 +92,14 @@ impl Store {
                 "audit spool holds records from an earlier run; replaying them"
             );
         }
-        let db = Db::connect_lazy(&config.database)?;
+        let writer_wait = Duration::from_secs(config.database.connect_timeout_secs);
+        let db = Db::connect_lazy(&config.database, writer_wait)?;
+        // The query API's own pool: a short wait for a connection, so a query during an
+        // outage is answered 503 at once instead of after the writer's connect timeout.
+        let queries = Db::connect_lazy(
+            &config.database,
+            Duration::from_millis(config.database.query_timeout_ms),
+        )?;
         let metrics = Arc::new(Metrics::default());
         metrics.spool_writable.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(audit.queue_capacity);
@@ -145,7 +153,7 @@ impl Store {
             "audit store open"
         );
         Ok(Store {
-            db,
+            queries,
             recorder,
             metrics,
             queue_capacity: audit.queue_capacity,
@@ -167,15 +175,15 @@ impl Store {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<StoredEvaluation>, StoreError> {
-        Ok(self.db.get(id).await?)
+        Ok(self.queries.get(id).await?)
     }
 
     pub async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
-        Ok(self.db.list(filter).await?)
+        Ok(self.queries.list(filter).await?)
     }
 
     pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, StoreError> {
-        Ok(self.db.stats(query).await?)
+        Ok(self.queries.stats(query).await?)
     }
 
     /// Why the store cannot keep records now, if it cannot: the spool refuses writes.
@@ -230,7 +238,7 @@ impl Store {
 pub async fn migrate(
     config: &crate::config::DatabaseConfig,
 ) -> Result<(&'static str, Vec<i64>), StoreError> {
-    let db = Db::connect_lazy(config)?;
+    let db = Db::connect_lazy(config, Duration::from_secs(config.connect_timeout_secs))?;
     let versions = db.migrate().await;
     db.close().await;
     Ok((db.dialect(), versions?))

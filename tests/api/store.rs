@@ -1112,9 +1112,13 @@ async fn records_sent_while_postgres_is_unreachable_all_arrive() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["audit"]["database"], "down", "{body}");
     assert!(body["audit"]["spool_bytes"].as_u64().unwrap() > 0, "{body}");
+    // Fast: the query API waits database.query_timeout_ms (1 s) for a connection.
+    let asked = Instant::now();
     let (status, body) = get(&server.url("/v1/evaluations")).await;
+    let took = asked.elapsed();
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["type"], "unavailable");
+    assert!(took < Duration::from_millis(1500), "503 after {took:?}");
     let pool = db.pool().await;
     assert!(
         pg_ids(&pool).await.is_empty(),
