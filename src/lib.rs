@@ -35,6 +35,7 @@
 pub mod audit;
 pub mod config;
 pub mod constitution;
+pub mod detect;
 pub mod embed;
 pub mod engine;
 pub mod evaluate;
