@@ -414,3 +414,21 @@ fn an_ensemble_averages_each_rules_margin_and_judges_it_at_its_threshold() {
     assert_eq!(alone.rules[0].threshold, unsure.rules[0].threshold);
     assert_eq!(alone.risk, unsure.risk);
 }
+
+/// The default constitution's rules judged by detectors have no exemplars: its exemplar
+/// set, and so its calibration's heads, are those of the rules exemplars score.
+#[test]
+fn detector_rules_leave_the_default_calibration_in_force() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitution/default.toml");
+    let c = crate::constitution::parse_file(&path).unwrap();
+    assert!(c.rules.iter().any(|r| !r.scored()), "a detector rule");
+    let cal = c.calibrations.first().expect("the default is calibrated");
+    assert_eq!(
+        cal.exemplars.as_deref(),
+        Some(Index::exemplar_set_hash(&c).as_str())
+    );
+    let scored = c.scored_rules().count();
+    for head in cal.rules.values().filter_map(|r| r.head.as_ref()) {
+        assert_eq!(head.knn_weights.len(), scored);
+    }
+}
