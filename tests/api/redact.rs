@@ -185,3 +185,68 @@ async fn gateway_passes_a_request_through_unmasked_by_default() {
     );
     let _ = TEST_ID_HEADER;
 }
+
+#[tokio::test]
+async fn gateway_redact_prompts_masks_the_last_user_turn_before_upstream() {
+    use std::sync::OnceLock;
+    static HARNESS: OnceLock<crate::gateway::Harness> = OnceLock::new();
+    let h = HARNESS.get_or_init(|| {
+        crate::gateway::start_harness(&[("CHARTER__GATEWAY__REDACT_PROMPTS", "true")])
+    });
+    let test = test_id("redact-prompt");
+    let body = json!({
+        "model": "mock-plain", "max_tokens": 64,
+        "messages": [
+            {"role": "user", "content": "Earlier I said 4111 1111 1111 1111."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Mail anna@example.com, card 4111 1111 1111 1111, key sk-ant-api03-Zx9QwErTyUiOp1234567890AbCdEf."},
+                {"type": "text", "text": "What is the capital of France?"}
+            ]}
+        ]
+    });
+    let response = reqwest::Client::new()
+        .post(h.url("/v1/messages"))
+        .header(TEST_ID_HEADER, &test)
+        .header("x-api-key", "sk-client")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-charter-action"].to_str().unwrap(),
+        "redact"
+    );
+    let m: Value = response.json().await.unwrap();
+    let got = h.mock.requests(&test);
+    assert_eq!(got.len(), 1);
+    let sent = got[0].json();
+    assert_eq!(
+        sent["messages"][2]["content"][0]["text"],
+        "Mail [EMAIL], card [CARD], key [API_KEY]."
+    );
+    assert_eq!(
+        sent["messages"][2]["content"][1]["text"],
+        "What is the capital of France?"
+    );
+    assert_eq!(
+        sent["messages"][0]["content"], "Earlier I said 4111 1111 1111 1111.",
+        "only the last user turn is the prompt"
+    );
+    assert_eq!(sent["max_tokens"], 64, "the rest of the request is kept");
+    let redacted = m["charter"]["redacted"].as_array().unwrap();
+    for kind in ["EMAIL", "CARD", "API_KEY"] {
+        assert!(
+            redacted.contains(&json!({"part": "prompt", "kind": kind, "count": 1})),
+            "{redacted:?}"
+        );
+    }
+    let records = h.audit.of(m["charter"]["id"].as_str().unwrap());
+    let prompt = records.iter().find(|r| r.id.ends_with(".prompt")).unwrap();
+    assert_no_value(
+        "the prompt's record",
+        &serde_json::to_string(prompt).unwrap(),
+    );
+}
