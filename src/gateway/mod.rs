@@ -13,8 +13,11 @@
 //! `gateway.constitution_by_key[key id]`, else `gateway.constitution`, else the default);
 //! screen the last user turn (and the system prompt if configured) and answer a violating
 //! prompt with a refusal without calling upstream; forward; evaluate the output text
-//! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise);
-//! stream through [`stream`], which releases text only once evaluated. Every evaluation is
+//! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise;
+//! for redact, mask what the constitution's redact rules find in the text blocks and tool
+//! inputs); stream through [`stream`], which releases text only once evaluated (and,
+//! with redact rules, only up to where no identifier can be cut in two, masked). With
+//! `gateway.redact_prompts` the last user turn is masked before it goes upstream. Every evaluation is
 //! handed to the audit sink before its outcome reaches the client; the outcome is in the
 //! `x-charter-*` headers and the message's extra `charter` field ([`messages::Charter`]).
 //!

@@ -9,6 +9,13 @@
 //! most `context_chars + hold_back_chars` (+ one delta) characters, so the cost is linear
 //! in the output and memory is bounded. Thinking and tool-use blocks pass as they come.
 //!
+//! With redact rules in the constitution, a release stops short of any tail of the held
+//! text that could still grow into an identifier (`detect::release_point`: `4111 1111 `
+//! waits for the rest of the card) and never inside one, and each released piece is
+//! masked, so no character of a detected identifier reaches the client and the rest
+//! arrives unchanged. A tool_use block's input is then held until the block ends and
+//! sent masked as one `input_json_delta`.
+//!
 //! On a violation (a block or revise rule: a half-sent answer cannot be revised) the held
 //! text is dropped, the open block is closed, a text block with the refusal notice is
 //! added, then `message_delta` with `stop_reason: "refusal"` and `message_stop`, and
