@@ -285,18 +285,18 @@ static REGEXES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         r"(-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z))".into(),
         // Jwt: header.payload.signature, the header a base64url JSON object.
         format!(r"{EDGE}(eyJ[A-Za-z0-9_-]{{8,}}\.[A-Za-z0-9_-]{{8,}}\.[A-Za-z0-9_-]{{8,}})"),
-        format!(r"(?:^|[^0-9A-Za-z_-])(sk-ant-[A-Za-z0-9_-]{{20,}})"),
-        format!(r"(?:^|[^0-9A-Za-z_-])(sk-[A-Za-z0-9_-]{{20,}})"),
-        format!(r"(?:^|[^0-9A-Za-z_])((?:gh[pousr]_[A-Za-z0-9]{{36,251}}|github_pat_[A-Za-z0-9_]{{22,242}}))"),
+        r"(?:^|[^0-9A-Za-z_-])(sk-ant-[A-Za-z0-9_-]{20,})".into(),
+        r"(?:^|[^0-9A-Za-z_-])(sk-[A-Za-z0-9_-]{20,})".into(),
+        r"(?:^|[^0-9A-Za-z_])((?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,242}))".into(),
         format!(r"{EDGE}((?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{{16}})"),
         // Password: the value of a `password = ...` assignment (the key stays readable).
         r#"(?i)(?:^|[^0-9A-Za-z])(?:[a-z0-9]+[_-])*(?:password|passwd|passphrase|secret|client_secret|secret_key|api_key|apikey|access_token|auth_token|密码|口令)["']?\s*(?:[:=：]|是|为)\s*["']?([!-~&&[^"',;`]]{4,})"#.into(),
-        format!(r"(?:^|[^0-9A-Za-z._%+-])([A-Za-z0-9][A-Za-z0-9._%+-]{{0,63}}@[A-Za-z0-9](?:[A-Za-z0-9-]{{0,62}}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{{0,62}}[A-Za-z0-9])?)*\.[A-Za-z]{{2,24}})"),
+        r"(?:^|[^0-9A-Za-z._%+-])([A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.[A-Za-z]{2,24})".into(),
         format!(r"{EDGE}([1-9][0-9]{{16}}[0-9Xx])"),
         format!(r"{EDGE}([A-Z]{{2}}[0-9]{{2}}(?: ?[A-Z0-9]{{4}}){{2,7}}(?: ?[A-Z0-9]{{1,3}})?)"),
         format!(r"{EDGE}([2-6][0-9]{{3}}(?:[ -]?[0-9]){{9,15}})"),
-        format!(r"(?:^|[^0-9A-Za-z-])([0-9]{{3}}-[0-9]{{2}}-[0-9]{{4}}|[0-9]{{3}} [0-9]{{2}} [0-9]{{4}})"),
-        format!(r"(?:^|[^0-9A-Za-z+])((?:\+?86[ -]?)?1[3-9][0-9](?:[0-9]{{8}}|[ -][0-9]{{4}}[ -][0-9]{{4}}))"),
+        r"(?:^|[^0-9A-Za-z-])([0-9]{3}-[0-9]{2}-[0-9]{4}|[0-9]{3} [0-9]{2} [0-9]{4})".into(),
+        r"(?:^|[^0-9A-Za-z+])((?:\+?86[ -]?)?1[3-9][0-9](?:[0-9]{8}|[ -][0-9]{4}[ -][0-9]{4}))".into(),
         // Phone: E.164 with or without separators; North American (NXX) NXX-XXXX; a
         // national number with a trunk 0 and separated groups (UK, DE, FR, CN landlines).
         // A bare local number (555-0142) only after a word that says it is a phone's.
@@ -309,7 +309,7 @@ static REGEXES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         ),
         // Ipv6: a run of hex groups and colons, confirmed by the standard library's parser.
         r"(?:^|[^0-9A-Za-z:.])((?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})".into(),
-        format!(r"(?:^|[^0-9A-Za-z.])((?:[0-9]{{1,3}}\.){{3}}[0-9]{{1,3}})"),
+        r"(?:^|[^0-9A-Za-z.])((?:[0-9]{1,3}\.){3}[0-9]{1,3})".into(),
     ];
     patterns
         .iter()

@@ -611,6 +611,30 @@ fn acceptance() {
                     dev_hits.push(format!("{}: {shown:?}", v["id"]));
                 }
             }
+            // What detection costs: every detector over every text of the file.
+            let texts: Vec<&str> = body
+                .lines()
+                .filter_map(|l| {
+                    let start = l.find("\"text\": \"")?;
+                    Some(&l[start..])
+                })
+                .collect();
+            let bytes: usize = texts.iter().map(|t| t.len()).sum();
+            let started = std::time::Instant::now();
+            let mut n = 0;
+            for _ in 0..5 {
+                for t in &texts {
+                    n += d.find(t).len();
+                }
+            }
+            let secs = started.elapsed().as_secs_f64() / 5.0;
+            println!(
+                "detection cost: {} texts ({} KB) in {:.1} ms, {:.1} us per text ({n} hits)",
+                texts.len(),
+                bytes / 1024,
+                secs * 1e3,
+                secs * 1e6 / texts.len() as f64
+            );
             println!(
                 "dev.jsonl ok items: {ok}, of which {} hold no identifier; hits on those: {}",
                 ok - dev_allowed,
