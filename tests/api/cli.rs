@@ -81,7 +81,11 @@ fn eval_writes_one_line_per_input_with_ids() {
     assert_eq!(lines[1]["id"], 7);
     assert_eq!(lines[1]["verdict"], "fail");
     assert!(lines[1]["risk"].as_f64().unwrap() > lines[0]["risk"].as_f64().unwrap());
-    assert_eq!(lines[1]["rules"].as_array().unwrap().len(), 8);
+    assert_eq!(
+        lines[1]["rules"].as_array().unwrap().len(),
+        10,
+        "eight exemplar rules and two detector rules"
+    );
     assert_eq!(lines[2]["id"], "empty");
     assert_eq!(lines[2]["error"], "empty text");
     assert_eq!(lines[3]["id"], 4, "plain lines are numbered");
