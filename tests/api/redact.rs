@@ -78,7 +78,13 @@ async fn evaluate_answers_detections_and_the_redacted_text() {
 async fn gateway_redact_masks_a_whole_answer_and_its_tool_input() {
     let h = harness();
     let test = test_id("redact-whole");
-    let answer = message(&test, "mock-secrets", "Set up my sandbox account.", false).await;
+    let answer = message(
+        &test,
+        "mock-secrets",
+        "What is the capital of France?",
+        false,
+    )
+    .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-charter-action").as_deref(), Some("redact"));
     let raw = String::from_utf8_lossy(&answer.bytes).to_string();
@@ -141,7 +147,7 @@ async fn gateway_redact_streams_in_deltas_of_every_size_without_leaking() {
     for size in 1..=50 {
         let test = test_id(&format!("redact-stream-{size}"));
         let model = format!("mock-secrets-{size}");
-        let answer = message(&test, &model, "Set up my sandbox account.", true).await;
+        let answer = message(&test, &model, "What is the capital of France?", true).await;
         assert_eq!(answer.status, 200, "delta size {size}");
         let raw = String::from_utf8_lossy(&answer.bytes).to_string();
         assert_no_value(&format!("stream with deltas of {size}"), &raw);
@@ -173,7 +179,7 @@ async fn gateway_redact_streams_in_deltas_of_every_size_without_leaking() {
 async fn gateway_passes_a_request_through_unmasked_by_default() {
     let h = harness();
     let test = test_id("redact-prompt-default");
-    let prompt = "My card is 4111 1111 1111 1111; is it a Visa?";
+    let prompt = "Is 4111 1111 1111 1111 a valid test card number for Stripe?";
     let answer = message(&test, "mock-plain", prompt, false).await;
     assert_eq!(answer.status, 200);
     let got = h.mock.requests(&test);
