@@ -256,3 +256,34 @@ async fn gateway_redact_prompts_masks_the_last_user_turn_before_upstream() {
         &serde_json::to_string(prompt).unwrap(),
     );
 }
+
+#[test]
+fn charter_eval_lines_carry_detections_and_the_redacted_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"r\", \"text\": \"SSN 123-45-6789, phone 555-0142\"}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_charter"))
+        .arg("eval")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["redacted"], "SSN [SSN], phone [PHONE]", "{line}");
+    assert_eq!(line["detections"][0]["kind"], "SSN");
+    assert!(
+        line["violated"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("personal-data")),
+        "{line}"
+    );
+}
