@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::constitution::Constitution;
-use crate::evaluate::{Kind, TextResult, Verdict};
+use crate::evaluate::{Kind, RuleResult, TextResult, Verdict};
 
 /// Where an evaluation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +34,9 @@ pub struct RecordedRule {
     pub score: f32,
     pub threshold: f32,
     pub violated: bool,
-    /// Evidence of a violated rule (exemplar, similarity, span), as the API showed it.
+    /// Evidence of a violated rule (exemplar, similarity, span), as the API showed it;
+    /// for a rule whose detectors found something, also `detections`: detector, kind and
+    /// character span of each, never the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence: Option<serde_json::Value>,
 }
@@ -82,7 +84,11 @@ pub struct Origin<'a> {
 }
 
 impl AuditRecord {
-    /// The record `id` of one text's result.
+    /// The record `id` of one text's result. What the constitution's detectors find in
+    /// the text is kept as detector, kind and place, never as the value: the stored text
+    /// (and an evidence span's text) has every detected span masked, whatever the rule's
+    /// action, and the counts are the record's own (found again in `text`, so a gateway
+    /// result merged from windows is recorded right too).
     pub fn from_result(id: String, origin: &Origin<'_>, text: &str, result: &TextResult) -> Self {
         let Origin {
             source,
@@ -93,6 +99,28 @@ impl AuditRecord {
             latency_ms,
             ref context,
         } = *origin;
+        let found = constitution.detect(text);
+        let rules = result
+            .rules
+            .iter()
+            .map(|r| {
+                let position = constitution.rules.iter().position(|x| x.id == r.id);
+                let hits = found
+                    .iter()
+                    .find(|(i, _)| Some(*i) == position)
+                    .map(|(_, hits)| hits.as_slice())
+                    .unwrap_or_default();
+                RecordedRule {
+                    id: r.id.clone(),
+                    score: r.score,
+                    threshold: r.threshold,
+                    violated: r.violated,
+                    evidence: r
+                        .violated
+                        .then(|| recorded_evidence(constitution, r, text, hits)),
+                }
+            })
+            .collect();
         AuditRecord {
             id,
             time: now_rfc3339(),
@@ -104,22 +132,57 @@ impl AuditRecord {
             kind,
             verdict: result.verdict,
             risk: result.risk,
-            rules: result
-                .rules
-                .iter()
-                .map(|r| RecordedRule {
-                    id: r.id.clone(),
-                    score: r.score,
-                    threshold: r.threshold,
-                    violated: r.violated,
-                    evidence: r.violated.then(|| evidence_value(&r.evidence)),
-                })
-                .collect(),
+            rules,
             latency_ms,
-            text: text.to_string(),
+            text: mask_all(constitution, text),
             context: context.clone(),
         }
     }
+}
+
+/// `text` with every span any rule's detectors find masked.
+fn mask_all(constitution: &Constitution, text: &str) -> String {
+    let found = constitution.detect(text);
+    if found.is_empty() {
+        return text.to_string();
+    }
+    let hits = found.into_iter().flat_map(|(_, hits)| hits).collect();
+    crate::detect::mask(text, &crate::detect::resolve(hits))
+}
+
+/// A violated rule's evidence as recorded: the API's evidence (its span's text masked),
+/// and what the rule's detectors found in the text, without the values.
+fn recorded_evidence(
+    constitution: &Constitution,
+    rule: &RuleResult,
+    text: &str,
+    hits: &[crate::detect::Hit],
+) -> serde_json::Value {
+    let mut evidence = match &rule.evidence {
+        Some(e) => {
+            let mut e = e.clone();
+            if let Some(span) = &mut e.span {
+                span.text = mask_all(constitution, &span.text);
+            }
+            evidence_value(&e)
+        }
+        None => serde_json::json!({}),
+    };
+    if !hits.is_empty() {
+        let chars = |b: usize| text[..b].chars().count();
+        evidence["detections"] = hits
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "detector": h.detector,
+                    "kind": h.kind,
+                    "start": chars(h.start),
+                    "end": chars(h.end),
+                })
+            })
+            .collect();
+    }
+    evidence
 }
 
 /// Receives every audit record. Implementations must return quickly and never lose a

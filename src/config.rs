@@ -231,6 +231,11 @@ pub struct GatewayConfig {
     pub screen_system: bool,
     /// Evaluate the model's text output (and act on violations).
     pub evaluate_output: bool,
+    /// Mask what the constitution's `redact` rules find (personal data, secrets) in the
+    /// last user turn's text before the request goes upstream. Off by default: the
+    /// request is then forwarded as the client's bytes.
+    #[serde(default)]
+    pub redact_prompts: bool,
     /// Characters of output text per evaluated window; a stream holds this much back
     /// until it is evaluated.
     pub hold_back_chars: usize,

@@ -320,6 +320,10 @@ impl Engine {
             queue_time = queue_time.max(second.queue_time);
             model_time = model_time.max(second.model_time);
         }
+        // Detector rules (patterns and checksums) join the exemplar scores.
+        for (result, text) in results.iter_mut().zip(texts.iter()) {
+            evaluate::apply_detectors(result, index.constitution(), text);
+        }
         let timings = Timings {
             queue_ms: ms(queue_time),
             model_ms: ms(model_time),

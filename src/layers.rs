@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// Lowest floor first. `lib` is the crate root (`run`, `serve`).
 const FLOORS: &[&[&str]] = &[
-    &["config", "constitution", "embed"],
+    &["config", "constitution", "detect", "embed"],
     &["evaluate"],
     &["audit", "engine", "ids"],
     &["store", "quality"],

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`config`]: one typed configuration (defaults < file < `CHARTER__*` env).
 //! - [`constitution`]: pure; TOML rules files -> validated types with a content version.
+//! - [`detect`]: pure; detectors of personal data and secrets (patterns confirmed by
+//!   checksums), custom patterns, masking, the streaming hold-back.
 //! - [`embed`]: the model (fastembed on ONNX Runtime), its worker threads, the bounded
 //!   batching queue in front of them, long-text windows.
 //! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
@@ -27,7 +29,8 @@
 //!
 //! The request path: `http::evaluate` validates -> `Engine::evaluate` -> `Embedder::embed`
 //! (queue -> model thread: tokenise, window, bucket by length, ONNX Runtime) ->
-//! `evaluate::evaluate` (exemplar similarities -> rule scores) -> JSON.
+//! `evaluate::evaluate` (exemplar similarities -> rule scores) ->
+//! `evaluate::apply_detectors` (detector rules, `redacted`) -> JSON.
 //!
 //! Floors (docs/ARCHITECTURE.md): a module imports only its own floor or below, checked
 //! by the `layers` unit test.
@@ -35,6 +38,7 @@
 pub mod audit;
 pub mod config;
 pub mod constitution;
+pub mod detect;
 pub mod embed;
 pub mod engine;
 pub mod evaluate;

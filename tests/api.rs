@@ -19,5 +19,7 @@ mod anthropic_mock;
 mod gateway;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
+#[path = "api/redact.rs"]
+mod redact;
 #[path = "api/store.rs"]
 mod store;

@@ -59,6 +59,11 @@ struct EvalLine<'a> {
     risk: f32,
     violated: Vec<&'a str>,
     rules: Vec<EvalRule<'a>>,
+    /// What the rules' detectors found, as `/v1/evaluate` answers it.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    detections: &'a [charter::evaluate::Detection],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redacted: Option<&'a str>,
 }
 
 pub async fn eval(config: Config, constitution: Option<String>, file: Option<PathBuf>) -> ExitCode {
@@ -189,6 +194,8 @@ fn write_line(
                     violated: x.violated,
                 })
                 .collect(),
+            detections: &r.detections,
+            redacted: r.redacted.as_deref(),
         })
         .map_err(std::io::Error::other)?,
         (Ok(_), None) => return Ok(()),

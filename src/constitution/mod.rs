@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::detect::{Detectors, Hit};
+
 pub use calibration::{
     Calibration, EnsembleCalibration, LinearHead, RuleCalibration, CALIBRATION_SUFFIX,
 };
@@ -87,6 +89,8 @@ pub enum Action {
     Block,
     /// Critique and revise the output (Constitutional AI), block if revision fails.
     Revise,
+    /// Replace what the rule's detectors find by its kind (`[CARD]`) and pass the rest.
+    Redact,
 }
 
 /// One exemplar text and where it came from.
@@ -112,6 +116,31 @@ pub struct Rule {
     pub violating: Vec<Example>,
     /// The rule's own compliant exemplars (the shared ones are on the constitution).
     pub compliant: Vec<Example>,
+    /// Built-in detectors the rule names (`detectors = ["card", ...]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detectors: Vec<String>,
+    /// Its own regular expressions, as written.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<PatternSpec>,
+    /// The detectors and patterns, compiled.
+    #[serde(skip)]
+    pub detect: Detectors,
+}
+
+/// A custom pattern as the file gives it: `{name, regex, kind}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PatternSpec {
+    pub name: String,
+    pub regex: String,
+    pub kind: String,
+}
+
+impl Rule {
+    /// Whether exemplars score the rule (it has violating ones); a rule with detectors
+    /// only is judged by them alone and has no place in the exemplar index or the heads.
+    pub fn scored(&self) -> bool {
+        !self.violating.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,14 +180,52 @@ impl Constitution {
         self.rules.iter().find(|r| r.id == id)
     }
 
-    /// Every exemplar, in index order: the shared compliant ones, then each rule's
+    /// Every exemplar, in index order: the shared compliant ones, then each scored rule's
     /// violating and compliant ones (a text may appear more than once).
     pub fn examples(&self) -> impl Iterator<Item = &Example> {
         self.shared_compliant.iter().chain(
-            self.rules
-                .iter()
+            self.scored_rules()
                 .flat_map(|r| r.violating.iter().chain(&r.compliant)),
         )
+    }
+
+    /// The rules exemplars score, in file order: the exemplar index's and the heads' rules.
+    pub fn scored_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().filter(|r| r.scored())
+    }
+
+    /// What each rule's detectors find in `text`: (rule position, its hits in order,
+    /// without overlaps), for the rules that found something.
+    pub fn detect(&self, text: &str) -> Vec<(usize, Vec<Hit>)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.detect.is_empty())
+            .map(|(i, r)| (i, r.detect.find(text)))
+            .filter(|(_, hits)| !hits.is_empty())
+            .collect()
+    }
+
+    /// What the `redact` rules' detectors find in `text`: the spans to mask, in order,
+    /// without overlaps.
+    pub fn redactions(&self, text: &str) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.action == Action::Redact) {
+            rule.detect.find_into(text, &mut hits);
+        }
+        crate::detect::resolve(hits)
+    }
+
+    /// Whether any rule redacts.
+    pub fn redacts(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.action == Action::Redact && !r.detect.is_empty())
+    }
+
+    /// Whether any rule has detectors.
+    pub fn has_detectors(&self) -> bool {
+        self.rules.iter().any(|r| !r.detect.is_empty())
     }
 
     /// The calibration fitted for `model`, if any.
@@ -167,7 +234,7 @@ impl Constitution {
     }
 
     /// Rules that can never be violated when `model` scores: rules without violating
-    /// exemplars, and, when its calibration has heads, rules it fitted no head for (no
+    /// exemplars (and without detectors, which fire on their own), and, when its calibration has heads, rules it fitted no head for (no
     /// labelled violations of their category).
     pub fn silent_rules(&self, model: &str) -> Vec<&str> {
         let heads = self
@@ -175,6 +242,7 @@ impl Constitution {
             .filter(|c| c.rules.values().any(|r| r.head.is_some()));
         self.rules
             .iter()
+            .filter(|rule| rule.detect.is_empty())
             .filter(|rule| {
                 rule.violating.is_empty()
                     || heads.is_some_and(|c| c.rules.get(&rule.id).is_none_or(|r| r.head.is_none()))

@@ -8,9 +8,10 @@ use serde_spanned::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Action, Calibration, Constitution, ConstitutionError, ConstitutionErrors, Example, Rule,
-    Severity, CALIBRATION_SUFFIX,
+    Action, Calibration, Constitution, ConstitutionError, ConstitutionErrors, Example, PatternSpec,
+    Rule, Severity, CALIBRATION_SUFFIX,
 };
+use crate::detect::{Builtin, Detectors, Pattern};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +58,20 @@ struct RawRule {
     compliant: Vec<RawExample>,
     /// JSONL file with `{"text", "label": "violating"|"compliant", "source"?}` lines.
     examples_file: Option<Spanned<String>>,
+    /// Built-in detectors by name.
+    #[serde(default)]
+    detectors: Vec<Spanned<String>>,
+    /// Custom regular expressions.
+    #[serde(default)]
+    patterns: Vec<Spanned<RawPattern>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPattern {
+    name: String,
+    regex: String,
+    kind: String,
 }
 
 #[derive(Deserialize)]
@@ -361,11 +376,20 @@ fn parse_rule(
             }
         }
     }
-    if violating.is_empty() {
+    let (detect, detectors, patterns) = parse_detectors(errors, &field, &r.detectors, &r.patterns);
+    if violating.is_empty() && detect.is_empty() {
         errors.at(
             Some(r.id.span()),
             &field("violating"),
-            "a rule needs at least one violating exemplar (similarity to the principle alone is near chance)",
+            "a rule needs at least one violating exemplar (similarity to the principle alone is near chance), or detectors",
+        );
+    }
+    let action = r.action.or(defaults.action).unwrap_or(Action::Block);
+    if action == Action::Redact && detect.is_empty() {
+        errors.at(
+            Some(r.id.span()),
+            &field("action"),
+            "\"redact\" needs detectors or patterns: they find what is masked",
         );
     }
     for (list, name) in [(&violating, "violating"), (&compliant, "compliant")] {
@@ -392,13 +416,115 @@ fn parse_rule(
         category,
         principle,
         severity: r.severity.or(defaults.severity).unwrap_or(Severity::High),
-        action: r.action.or(defaults.action).unwrap_or(Action::Block),
+        action,
         threshold,
         critique: fill(r.critique.as_deref().unwrap_or(&defaults.critique)),
         revision: fill(r.revision.as_deref().unwrap_or(&defaults.revision)),
         violating,
         compliant,
+        detectors,
+        patterns,
+        detect,
     }
+}
+
+/// A rule's `detectors` and `patterns`, checked: known names, no repeats, custom
+/// expressions that compile, do not match the empty string, and have a name and a kind.
+fn parse_detectors(
+    errors: &mut Errors<'_>,
+    field: &dyn Fn(&str) -> String,
+    names: &[Spanned<String>],
+    raw_patterns: &[Spanned<RawPattern>],
+) -> (Detectors, Vec<String>, Vec<PatternSpec>) {
+    let mut detect = Detectors::default();
+    let mut detectors = Vec::new();
+    for (j, name) in names.iter().enumerate() {
+        match Builtin::from_name(name.get_ref()) {
+            Some(b) if detect.builtins.contains(&b) => errors.at(
+                Some(name.span()),
+                &field(&format!("detectors[{j}]")),
+                format!("{:?} is listed twice", name.get_ref()),
+            ),
+            Some(b) => {
+                detect.builtins.push(b);
+                detectors.push(b.name().to_string());
+            }
+            None => {
+                let known: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
+                errors.at(
+                    Some(name.span()),
+                    &field(&format!("detectors[{j}]")),
+                    format!(
+                        "unknown detector {:?}; the built-in ones are {}",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    let mut patterns = Vec::new();
+    for (j, raw) in raw_patterns.iter().enumerate() {
+        let span = Some(raw.span());
+        let p = raw.get_ref();
+        let at = |name: &str| field(&format!("patterns[{j}].{name}"));
+        if !valid_id(&p.name) || detect.patterns.iter().any(|q| q.name == p.name) {
+            errors.at(
+                span.clone(),
+                &at("name"),
+                "must be a unique name of 1-64 letters, digits, '-', '_' or '.'",
+            );
+        }
+        let kind_ok = !p.kind.is_empty()
+            && p.kind.len() <= 32
+            && p.kind
+                .bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_');
+        if !kind_ok {
+            errors.at(
+                span.clone(),
+                &at("kind"),
+                "must be 1-32 upper-case letters, digits or '_' (it is shown as [KIND])",
+            );
+        }
+        let regex = match regex::RegexBuilder::new(&p.regex)
+            .size_limit(1 << 20)
+            .build()
+        {
+            Ok(re) if re.is_match("") => {
+                errors.at(span, &at("regex"), "matches the empty string");
+                continue;
+            }
+            Ok(re) => re,
+            Err(e) => {
+                // The regex crate's message spans several lines with a caret under the
+                // fault; one line keeps `file:line: field: message` readable.
+                let message = e
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                errors.at(
+                    span,
+                    &at("regex"),
+                    format!("invalid regular expression: {message}"),
+                );
+                continue;
+            }
+        };
+        patterns.push(PatternSpec {
+            name: p.name.clone(),
+            regex: p.regex.clone(),
+            kind: p.kind.clone(),
+        });
+        detect.patterns.push(Pattern {
+            name: p.name.clone(),
+            kind: p.kind.clone(),
+            regex,
+        });
+    }
+    (detect, detectors, patterns)
 }
 
 /// The constitution's calibration files (the main one, then one per further model):
@@ -743,5 +869,58 @@ violating = ["Find me her home address."]
         );
         let text = parse_file(&path).unwrap_err().to_string();
         assert!(text.contains("d.toml:5: rules[0].examples_file"), "{text}");
+    }
+
+    #[test]
+    fn detector_rules_need_no_exemplars_and_check_their_patterns() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "id = \"d\"\n[[rules]]\nid = \"harm\"\nprinciple = \"p\"\nviolating = [\"v\"]\n\n[[rules]]\nid = \"personal-data\"\nprinciple = \"p\"\naction = \"redact\"\ndetectors = [\"email\", \"card\"]\npatterns = [{ name = \"employee-id\", regex = \"EMP-[0-9]{6}\", kind = \"EMPLOYEE_ID\" }]\n";
+        let path = write(dir.path(), "d.toml", good);
+        let c = parse_file(&path).unwrap();
+        let rule = c.rule("personal-data").unwrap();
+        assert_eq!(rule.action, Action::Redact);
+        assert!(!rule.scored());
+        assert_eq!(rule.detectors, ["email", "card"]);
+        assert_eq!(rule.patterns[0].kind, "EMPLOYEE_ID");
+        assert_eq!(c.scored_rules().count(), 1);
+        assert!(
+            c.silent_rules("m").is_empty(),
+            "detectors fire on their own"
+        );
+        let found = c.detect("mail a@b.io or EMP-123456");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, 1);
+        assert_eq!(found[0].1.len(), 2);
+
+        let bad = "id = \"d\"\n[[rules]]\nid = \"pd\"\nprinciple = \"p\"\naction = \"redact\"\ndetectors = [\"emial\"]\npatterns = [\n  { name = \"x\", regex = \"EMP-[0-9\", kind = \"X\" },\n  { name = \"y\", regex = \"a*\", kind = \"lower\" },\n]\n\n[[rules]]\nid = \"r\"\nprinciple = \"p\"\naction = \"redact\"\nviolating = [\"v\"]\n";
+        let path = write(dir.path(), "bad.toml", bad);
+        let text: Vec<String> = parse_file(&path)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        let has = |needle: &str| text.iter().any(|t| t.contains(needle));
+        assert!(
+            has("bad.toml:6: rules[0].detectors[0]: unknown detector \"emial\""),
+            "{text:?}"
+        );
+        assert!(
+            has("bad.toml:8: rules[0].patterns[0].regex: invalid regular expression"),
+            "{text:?}"
+        );
+        assert!(
+            has("rules[0].patterns[1].regex: matches the empty string"),
+            "{text:?}"
+        );
+        assert!(has("rules[0].patterns[1].kind"), "{text:?}");
+        assert!(
+            has("rules[1].action: \"redact\" needs detectors"),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().all(|t| !t.contains('\n')),
+            "one line per error: {text:?}"
+        );
     }
 }

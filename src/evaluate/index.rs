@@ -95,7 +95,7 @@ impl Index {
             h.update(t.as_bytes());
             h.update(b"\0");
         }
-        for rule in &constitution.rules {
+        for rule in constitution.scored_rules() {
             h.update(format!("\0rule {}\0", rule.id).as_bytes());
             for e in rule.violating.iter().chain([&crate::constitution::Example {
                 text: "\0compliant".into(),
@@ -161,23 +161,23 @@ impl Index {
                 == Some(Self::exemplar_set_hash(&constitution).as_str())
             && calibration.is_some_and(|c| {
                 c.rules.values().filter_map(|r| r.head.as_ref()).all(|h| {
-                    h.weights.len() == dim && h.knn_weights.len() == constitution.rules.len()
+                    h.weights.len() == dim
+                        && h.knn_weights.len() == constitution.scored_rules().count()
                 })
             });
         let heads = heads_valid.then(|| {
             let c = calibration.expect("heads come from a calibration");
             Heads {
                 heads: constitution
-                    .rules
-                    .iter()
+                    .scored_rules()
                     .map(|r| c.rules.get(&r.id).and_then(|x| x.head.clone()))
                     .collect(),
                 piece_margin: c.piece_margin.unwrap_or(0.0),
             }
         });
+        // Rules judged by detectors alone have no rows, no head and no threshold here.
         let rules = constitution
-            .rules
-            .iter()
+            .scored_rules()
             .map(|rule| {
                 let mut compliant = rows(&rule.compliant);
                 compliant.extend(&shared);

@@ -15,6 +15,7 @@
 //! kNN features, and a sentence piece of a long text counts only above the calibrated
 //! margin. Evidence is the same nearest exemplars either way.
 
+mod detections;
 pub mod head;
 mod index;
 pub mod metrics;
@@ -24,6 +25,7 @@ use serde::Serialize;
 use crate::constitution::{Action, Severity};
 use crate::embed::TextEmbedding;
 
+pub use detections::{apply_detectors, Detection, DETECTOR_MARGIN};
 pub use index::{Index, IndexError, Similarities, NO_HEAD_LOGIT};
 
 /// Whether the text is a user's prompt or a model's response.
@@ -83,7 +85,17 @@ pub struct RuleResult {
     pub score: f32,
     pub threshold: f32,
     pub violated: bool,
-    pub evidence: Evidence,
+    /// The nearest exemplars (rules scored by exemplars).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+    /// How many identifiers the rule's detectors found (listed in the text's
+    /// `detections`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub detections: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +107,10 @@ pub struct TextResult {
     pub tokens: usize,
     pub windows: usize,
     pub rules: Vec<RuleResult>,
+    /// What the rules' detectors found (character spans into the text).
+    pub detections: Vec<Detection>,
+    /// The text with the spans of `redact` rules masked, when they found any.
+    pub redacted: Option<String>,
 }
 
 impl TextResult {
@@ -163,7 +179,8 @@ pub fn evaluate_excluding(
                 score: score.score,
                 threshold: rule.threshold,
                 violated: margin > 0.0,
-                evidence: Evidence {
+                detections: 0,
+                evidence: Some(Evidence {
                     exemplar: excerpt(index.exemplar_text(score.nearest_violating.0)),
                     similarity: score.nearest_violating.1,
                     compliant_exemplar: score
@@ -171,7 +188,7 @@ pub fn evaluate_excluding(
                         .map(|(i, _)| excerpt(index.exemplar_text(i))),
                     compliant_similarity: score.nearest_compliant.map(|(_, s)| s),
                     span,
-                },
+                }),
             }
         })
         .collect();
@@ -186,6 +203,8 @@ pub fn evaluate_excluding(
         tokens: embedded.tokens,
         windows,
         rules,
+        detections: Vec::new(),
+        redacted: None,
     }
 }
 

@@ -24,6 +24,9 @@ fn rule(id: &str, threshold: f32, violating: &[&str], compliant: &[&str]) -> Rul
         revision: String::new(),
         violating: violating.iter().map(|t| ex(t)).collect(),
         compliant: compliant.iter().map(|t| ex(t)).collect(),
+        detectors: Vec::new(),
+        patterns: Vec::new(),
+        detect: Default::default(),
     }
 }
 
@@ -111,9 +114,12 @@ fn violating_text_fails_the_right_rule_with_evidence() {
     let weapons = &r.rules[0];
     assert!(weapons.violated);
     assert!(!r.rules[1].violated);
-    assert!(weapons.evidence.exemplar == "bomb" || weapons.evidence.exemplar == "gun");
     assert!(
-        weapons.evidence.span.is_none(),
+        weapons.evidence.as_ref().unwrap().exemplar == "bomb"
+            || weapons.evidence.as_ref().unwrap().exemplar == "gun"
+    );
+    assert!(
+        weapons.evidence.as_ref().unwrap().span.is_none(),
         "single-piece texts carry no span"
     );
     // risk is the largest margin, positive exactly on fail.
@@ -129,7 +135,12 @@ fn compliant_exemplars_pull_lookalikes_below_threshold() {
     assert_eq!(r.verdict, Verdict::Pass, "{r:?}");
     assert!(r.risk <= 0.0);
     assert_eq!(
-        r.rules[0].evidence.compliant_exemplar.as_deref(),
+        r.rules[0]
+            .evidence
+            .as_ref()
+            .unwrap()
+            .compliant_exemplar
+            .as_deref(),
         Some("kill python process")
     );
 }
@@ -154,7 +165,7 @@ fn the_best_window_decides_and_is_reported_as_span() {
     assert_eq!(r.windows, 2);
     let privacy = &r.rules[1];
     assert!(privacy.violated, "{r:?}");
-    let span = privacy.evidence.span.as_ref().unwrap();
+    let span = privacy.evidence.as_ref().unwrap().span.as_ref().unwrap();
     assert_eq!(span.text, "then ask where she lives");
     assert_eq!(span.start, text.chars().count() - span.text.chars().count());
 }
@@ -393,8 +404,8 @@ fn an_ensemble_averages_each_rules_margin_and_judges_it_at_its_threshold() {
         assert_eq!(both.risk, best);
         assert_eq!(both.verdict == Verdict::Fail, best > 0.0);
         assert_eq!(
-            both.rules[0].evidence.exemplar,
-            sure.rules[0].evidence.exemplar
+            both.rules[0].evidence.as_ref().unwrap().exemplar,
+            sure.rules[0].evidence.as_ref().unwrap().exemplar
         );
     }
     assert!(average(vec![sure.clone(), unsure.clone()], mean(0) - 0.01).rules[0].violated);
@@ -403,4 +414,22 @@ fn an_ensemble_averages_each_rules_margin_and_judges_it_at_its_threshold() {
     let alone = average(vec![unsure.clone()], 5.0);
     assert_eq!(alone.rules[0].threshold, unsure.rules[0].threshold);
     assert_eq!(alone.risk, unsure.risk);
+}
+
+/// The default constitution's rules judged by detectors have no exemplars: its exemplar
+/// set, and so its calibration's heads, are those of the rules exemplars score.
+#[test]
+fn detector_rules_leave_the_default_calibration_in_force() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitution/default.toml");
+    let c = crate::constitution::parse_file(&path).unwrap();
+    assert!(c.rules.iter().any(|r| !r.scored()), "a detector rule");
+    let cal = c.calibrations.first().expect("the default is calibrated");
+    assert_eq!(
+        cal.exemplars.as_deref(),
+        Some(Index::exemplar_set_hash(&c).as_str())
+    );
+    let scored = c.scored_rules().count();
+    for head in cal.rules.values().filter_map(|r| r.head.as_ref()) {
+        assert_eq!(head.knn_weights.len(), scored);
+    }
 }

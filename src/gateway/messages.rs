@@ -89,6 +89,8 @@ pub enum ActionTaken {
     Block,
     /// Replaced by a revision that passed.
     Revise,
+    /// Passed with what the redact rules found masked (`[KIND]`).
+    Redact,
 }
 
 impl ActionTaken {
@@ -98,6 +100,7 @@ impl ActionTaken {
             ActionTaken::Flag => "flag",
             ActionTaken::Block => "block",
             ActionTaken::Revise => "revise",
+            ActionTaken::Redact => "redact",
         }
     }
 }
@@ -150,6 +153,144 @@ pub struct Charter {
     /// Why a revision could not be used, when it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// What was masked, where: kinds and counts, never the values.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<Redacted>,
+}
+
+/// Spans of one kind masked in one part of the exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Redacted {
+    /// `prompt`, `output` or `tool_use`.
+    pub part: &'static str,
+    pub kind: String,
+    pub count: usize,
+}
+
+impl Charter {
+    /// Notes `count` masked spans of `kind` in `part`, and the action: a redaction is
+    /// stronger than a flag, weaker than a block or a revision.
+    pub fn note_redacted(&mut self, part: &'static str, kind: &str, count: usize) {
+        match self
+            .redacted
+            .iter_mut()
+            .find(|r| r.part == part && r.kind == kind)
+        {
+            Some(r) => r.count += count,
+            None => self.redacted.push(Redacted {
+                part,
+                kind: kind.to_string(),
+                count,
+            }),
+        }
+        if matches!(self.action, ActionTaken::None | ActionTaken::Flag) {
+            self.action = ActionTaken::Redact;
+        }
+    }
+}
+
+/// Masks the strings of a message's content: the text of `text` blocks and every
+/// string inside a `tool_use` block's `input`. `mask` gets each string and its part
+/// (`output` or `tool_use`) and answers the masked string when it changed something.
+/// Returns whether anything changed.
+pub fn redact_content(
+    message: &mut Value,
+    mask: &mut dyn FnMut(&str, &'static str) -> Option<String>,
+) -> bool {
+    let mut changed = false;
+    let Some(blocks) = message.get_mut("content").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    for block in blocks {
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                if let Some(text) = block.get("text").and_then(Value::as_str) {
+                    if let Some(masked) = mask(text, "output") {
+                        block["text"] = Value::String(masked);
+                        changed = true;
+                    }
+                }
+            }
+            Some("tool_use") => {
+                if let Some(input) = block.get_mut("input") {
+                    changed |= redact_strings(input, "tool_use", mask);
+                }
+            }
+            _ => {}
+        }
+    }
+    changed
+}
+
+/// Masks every string (not keys) inside a JSON value.
+pub fn redact_strings(
+    value: &mut Value,
+    part: &'static str,
+    mask: &mut dyn FnMut(&str, &'static str) -> Option<String>,
+) -> bool {
+    match value {
+        Value::String(s) => match mask(s, part) {
+            Some(masked) => {
+                *s = masked;
+                true
+            }
+            None => false,
+        },
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, v| redact_strings(v, part, mask) | changed),
+        Value::Object(map) => map
+            .values_mut()
+            .fold(false, |changed, v| redact_strings(v, part, mask) | changed),
+        _ => false,
+    }
+}
+
+/// Masks the text of the last user turn of a request (a string content or its `text`
+/// blocks). Returns whether anything changed.
+pub fn redact_last_user_turn(
+    body: &mut Value,
+    mask: &mut dyn FnMut(&str, &'static str) -> Option<String>,
+) -> bool {
+    let Some(turn) = body
+        .get_mut("messages")
+        .and_then(Value::as_array_mut)
+        .and_then(|m| {
+            m.iter_mut()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+    else {
+        return false;
+    };
+    let Some(content) = turn.get_mut("content") else {
+        return false;
+    };
+    match content {
+        Value::String(s) => match mask(s, "prompt") {
+            Some(masked) => {
+                *s = masked;
+                true
+            }
+            None => false,
+        },
+        Value::Array(blocks) => {
+            let mut changed = false;
+            for block in blocks {
+                if block.get("type").and_then(Value::as_str) != Some("text") {
+                    continue;
+                }
+                if let Some(text) = block.get("text").and_then(Value::as_str) {
+                    if let Some(masked) = mask(text, "prompt") {
+                        block["text"] = Value::String(masked);
+                        changed = true;
+                    }
+                }
+            }
+            changed
+        }
+        _ => false,
+    }
 }
 
 impl Charter {
@@ -339,7 +480,44 @@ mod tests {
             extra_usage: Usage::default(),
             released_chars: None,
             note: None,
+            redacted: Vec::new(),
         }
+    }
+
+    #[test]
+    fn redaction_reaches_text_blocks_tool_inputs_and_the_last_user_turn() {
+        let mut mask =
+            |s: &str, _part: &'static str| s.contains("4111").then(|| s.replace("4111", "[CARD]"));
+        let mut message = json!({"type": "message", "content": [
+            {"type": "text", "text": "card 4111"},
+            {"type": "thinking", "thinking": "4111"},
+            {"type": "tool_use", "id": "t", "name": "pay", "input": {"card": "4111", "n": [1, "x 4111"]}}
+        ]});
+        assert!(redact_content(&mut message, &mut mask));
+        assert_eq!(message["content"][0]["text"], "card [CARD]");
+        assert_eq!(
+            message["content"][1]["thinking"], "4111",
+            "thinking is not output text"
+        );
+        assert_eq!(message["content"][2]["input"]["card"], "[CARD]");
+        assert_eq!(message["content"][2]["input"]["n"][1], "x [CARD]");
+        let mut body = json!({"messages": [
+            {"role": "user", "content": "first 4111"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "text", "text": "pay 4111"}, {"type": "image"}]}
+        ]});
+        assert!(redact_last_user_turn(&mut body, &mut mask));
+        assert_eq!(
+            body["messages"][0]["content"], "first 4111",
+            "only the last turn"
+        );
+        assert_eq!(body["messages"][2]["content"][0]["text"], "pay [CARD]");
+        let mut charter = charter();
+        charter.action = ActionTaken::Flag;
+        charter.note_redacted("output", "CARD", 1);
+        charter.note_redacted("output", "CARD", 2);
+        assert_eq!(charter.action, ActionTaken::Redact);
+        assert_eq!(charter.redacted[0].count, 3);
     }
 
     #[test]

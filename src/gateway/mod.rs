@@ -13,8 +13,11 @@
 //! `gateway.constitution_by_key[key id]`, else `gateway.constitution`, else the default);
 //! screen the last user turn (and the system prompt if configured) and answer a violating
 //! prompt with a refusal without calling upstream; forward; evaluate the output text
-//! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise);
-//! stream through [`stream`], which releases text only once evaluated. Every evaluation is
+//! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise;
+//! for redact, mask what the constitution's redact rules find in the text blocks and tool
+//! inputs); stream through [`stream`], which releases text only once evaluated (and,
+//! with redact rules, only up to where no identifier can be cut in two, masked). With
+//! `gateway.redact_prompts` the last user turn is masked before it goes upstream. Every evaluation is
 //! handed to the audit sink before its outcome reaches the client; the outcome is in the
 //! `x-charter-*` headers and the message's extra `charter` field ([`messages::Charter`]).
 //!
@@ -41,7 +44,7 @@ use serde_json::{json, Value};
 
 use crate::audit::AuditSink;
 use crate::config::Config;
-use crate::constitution::ConstitutionRef;
+use crate::constitution::{Constitution, ConstitutionRef};
 use crate::engine::{Engine, ErrorClass};
 use crate::evaluate::{Kind, Verdict};
 use crate::ids::{client_key_id, new_id, REQUEST_ID};
@@ -139,7 +142,7 @@ pub async fn exchange(
     let upstream_headers = gw.upstream.request_headers(&headers, false);
     let path_and_query = path_and_query(&uri).to_string();
 
-    if !config.screen_prompts && !config.evaluate_output {
+    if !config.screen_prompts && !config.evaluate_output && !config.redact_prompts {
         let response = gw
             .upstream
             .send(Method::POST, &path_and_query, upstream_headers, Some(bytes))
@@ -179,6 +182,7 @@ pub async fn exchange(
         extra_usage: Usage::default(),
         released_chars: None,
         note: None,
+        redacted: Vec::new(),
     };
 
     if config.screen_prompts {
@@ -187,6 +191,12 @@ pub async fn exchange(
             return Ok(response);
         }
     }
+
+    let bytes = if config.redact_prompts {
+        redact_prompt(&ex, bytes, &mut meta)?
+    } else {
+        bytes
+    };
 
     let response = gw
         .upstream
@@ -219,6 +229,77 @@ pub async fn exchange(
         return Ok(stream::guard(ex, response, meta));
     }
     answer(&ex, response, meta).await
+}
+
+impl Exchange {
+    /// The constitution the exchange is judged by.
+    fn constitution(&self) -> Result<Arc<Constitution>, GatewayError> {
+        let index = self
+            .engine
+            .constitution(Some(&self.constitution))
+            .map_err(ErrorClass::from)?;
+        Ok(Arc::clone(index.constitution()))
+    }
+}
+
+/// Masks what the constitution's redact rules find in a string, noting kinds and counts
+/// (never values) in the metadata; `None` when nothing was found.
+fn masker<'a>(
+    constitution: &'a Constitution,
+    meta: &'a mut Charter,
+) -> impl FnMut(&str, &'static str) -> Option<String> + 'a {
+    move |text, part| {
+        let hits = constitution.redactions(text);
+        if hits.is_empty() {
+            return None;
+        }
+        let mut kinds: Vec<&str> = hits.iter().map(|h| h.kind.as_str()).collect();
+        kinds.sort_unstable();
+        for kind in kinds
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let count = kinds.iter().filter(|k| **k == kind).count();
+            meta.note_redacted(part, kind, count);
+        }
+        Some(crate::detect::mask(text, &hits))
+    }
+}
+
+/// `gateway.redact_prompts`: the request with what the redact rules find in the last
+/// user turn masked (the client's bytes when nothing was found).
+fn redact_prompt(ex: &Exchange, bytes: Bytes, meta: &mut Charter) -> Result<Bytes, GatewayError> {
+    let constitution = ex.constitution()?;
+    if !constitution.redacts() {
+        return Ok(bytes);
+    }
+    let mut value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::InvalidRequest(format!("the request body is not valid JSON: {e}"))
+    })?;
+    if !messages::redact_last_user_turn(&mut value, &mut masker(&constitution, meta)) {
+        return Ok(bytes);
+    }
+    let body = serde_json::to_vec(&value).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    Ok(body.into())
+}
+
+/// Masks a message's text blocks and tool inputs; the body to send when it changed.
+fn redact_output(
+    message: &mut Value,
+    constitution: &Constitution,
+    meta: &mut Charter,
+) -> Result<Option<Vec<u8>>, GatewayError> {
+    let mut charter = meta.clone();
+    let changed = messages::redact_content(message, &mut masker(constitution, &mut charter));
+    if !changed {
+        return Ok(None);
+    }
+    *meta = charter;
+    message["charter"] = json!(meta);
+    serde_json::to_vec(message)
+        .map(Some)
+        .map_err(|e| GatewayError::Internal(e.to_string()))
 }
 
 /// A non-streaming answer: read it whole, review it when configured, and answer with the
@@ -345,7 +426,7 @@ async fn screen(
         }
         if this == Decision::Block {
             decision = Decision::Block;
-        } else if this == Decision::Flag && decision == Decision::Pass {
+        } else if matches!(this, Decision::Flag | Decision::Redact) && decision == Decision::Pass {
             decision = Decision::Flag;
         }
     }
@@ -367,6 +448,11 @@ async fn screen(
             Ok(Some(response))
         }
         Decision::Flag => {
+            meta.action = ActionTaken::Flag;
+            Ok(None)
+        }
+        // A prompt is masked, if at all, by `gateway.redact_prompts`; here it is a flag.
+        Decision::Redact => {
             meta.action = ActionTaken::Flag;
             Ok(None)
         }
@@ -399,10 +485,14 @@ async fn review_output(
         ));
     }
     let text = messages::response_text(&message);
+    let constitution = ex.constitution()?;
     if text.trim().is_empty() {
-        // Tool calls or thinking only: no text to evaluate.
-        let body = messages::with_charter_field(body, meta)
-            .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?;
+        // Tool calls or thinking only: no text to evaluate, tool inputs to mask.
+        let body = match redact_output(&mut message.clone(), &constitution, meta)? {
+            Some(body) => body,
+            None => messages::with_charter_field(body, meta)
+                .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?,
+        };
         return Ok((body, meta.action));
     }
     let checked = review::check_output(&ex.gw, &ex.engine, &text, &ex.constitution).await?;
@@ -437,13 +527,18 @@ async fn review_output(
     };
     let refusal = &config.gateway.refusal_message;
     let out = match decision {
-        Decision::Pass | Decision::Flag => {
+        Decision::Pass | Decision::Flag | Decision::Redact => {
             if decision == Decision::Flag {
                 meta.action = ActionTaken::Flag;
             }
+            // Masked before the record, so the record's action is the one taken.
+            let redacted = redact_output(&mut message.clone(), &constitution, meta)?;
             record(meta, &checked);
-            messages::with_charter_field(body, meta)
-                .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?
+            match redacted {
+                Some(body) => body,
+                None => messages::with_charter_field(body, meta)
+                    .ok_or_else(|| GatewayError::UpstreamProtocol("not a JSON object".into()))?,
+            }
         }
         Decision::Block => {
             meta.action = ActionTaken::Block;
@@ -459,8 +554,13 @@ async fn review_output(
             let out = match outcome.revision {
                 Some((revision, stop_reason, _)) => {
                     meta.action = ActionTaken::Revise;
+                    let mut out =
+                        messages::revised_response(message.clone(), &revision, &stop_reason, meta);
+                    // The revision, and the tool inputs kept, are masked like any answer.
+                    redact_output(&mut out, &constitution, meta)?;
                     record(meta, &checked);
-                    messages::revised_response(message.clone(), &revision, &stop_reason, meta)
+                    out["charter"] = json!(meta);
+                    out
                 }
                 None => {
                     meta.action = ActionTaken::Block;

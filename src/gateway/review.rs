@@ -40,11 +40,13 @@ pub struct Checked {
 pub enum Decision {
     Pass,
     Flag,
+    /// Mask what the redact rules found; pass the rest.
+    Redact,
     Revise,
     Block,
 }
 
-/// The strictest action among the violated rules: block > revise > flag.
+/// The strictest action among the violated rules: block > revise > redact > flag.
 pub fn decide(result: &TextResult) -> Decision {
     let mut decision = Decision::Pass;
     for rule in result.violated() {
@@ -52,6 +54,7 @@ pub fn decide(result: &TextResult) -> Decision {
             Action::Block => Decision::Block,
             Action::Revise => Decision::Revise,
             Action::Flag => Decision::Flag,
+            Action::Redact => Decision::Redact,
         };
         decision = decision.max_by_strictness(this);
     }
@@ -63,8 +66,9 @@ impl Decision {
         match self {
             Decision::Pass => 0,
             Decision::Flag => 1,
-            Decision::Revise => 2,
-            Decision::Block => 3,
+            Decision::Redact => 2,
+            Decision::Revise => 3,
+            Decision::Block => 4,
         }
     }
 
@@ -265,13 +269,14 @@ mod tests {
             score,
             threshold,
             violated: score > threshold,
-            evidence: Evidence {
+            evidence: Some(Evidence {
                 exemplar: format!("{id} {score}"),
                 similarity: score,
                 compliant_exemplar: None,
                 compliant_similarity: None,
                 span: None,
-            },
+            }),
+            detections: 0,
         }
     }
 
@@ -290,6 +295,8 @@ mod tests {
             tokens: 10,
             windows: 0,
             rules,
+            detections: Vec::new(),
+            redacted: None,
         }
     }
 
@@ -326,7 +333,7 @@ mod tests {
         assert_eq!(m.rules[0].score, 0.2);
         assert!(m.rules[0].violated);
         assert_eq!(m.rules[1].score, -0.1);
-        assert_eq!(m.rules[1].evidence.exemplar, "y -0.1");
+        assert_eq!(m.rules[1].evidence.as_ref().unwrap().exemplar, "y -0.1");
         assert!(!m.rules[1].violated);
         assert!((m.risk - 0.2).abs() < 1e-6);
         assert_eq!(m.tokens, 20);

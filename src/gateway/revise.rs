@@ -88,7 +88,8 @@ pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outco
             }),
         );
         match decision {
-            Decision::Pass | Decision::Flag => {
+            // What a redact rule finds in the revision is masked when it is sent.
+            Decision::Pass | Decision::Flag | Decision::Redact => {
                 outcome.revision = Some((revision, stop_reason, checked));
                 return Ok(outcome);
             }

@@ -9,6 +9,13 @@
 //! most `context_chars + hold_back_chars` (+ one delta) characters, so the cost is linear
 //! in the output and memory is bounded. Thinking and tool-use blocks pass as they come.
 //!
+//! With redact rules in the constitution, a release stops short of any tail of the held
+//! text that could still grow into an identifier (`detect::release_point`: `4111 1111 `
+//! waits for the rest of the card) and never inside one, and each released piece is
+//! masked, so no character of a detected identifier reaches the client and the rest
+//! arrives unchanged. A tool_use block's input is then held until the block ends and
+//! sent masked as one `input_json_delta`.
+//!
 //! On a violation (a block or revise rule: a half-sent answer cannot be revised) the held
 //! text is dropped, the open block is closed, a text block with the refusal notice is
 //! added, then `message_delta` with `stop_reason: "refusal"` and `message_stop`, and
@@ -34,6 +41,8 @@ use super::messages::{self, ActionTaken, Charter};
 use super::review::{self, Decision};
 use super::sse::{self, SseParser};
 use super::{add_headers, note_violations, sse_response, upstream, Exchange};
+use crate::constitution::Constitution;
+use crate::detect::{self, Hit};
 use crate::evaluate::{Index, Kind, TextResult};
 
 /// Events queued towards the client; small, so a slow client slows the upstream read
@@ -61,7 +70,12 @@ pub fn guard(ex: Exchange, response: reqwest::Response, meta: Charter) -> Respon
         })
         .collect();
     let config = &ex.gw.config().gateway;
+    // Without the constitution no window could be evaluated either: the first release
+    // ends the stream with an error.
+    let redactor = ex.constitution().ok().filter(|c| c.redacts());
     let guard = Guard {
+        redactor,
+        tool: None,
         hold_back: config.hold_back_chars,
         context_chars: config.context_chars,
         ex,
@@ -109,7 +123,18 @@ enum Flow {
     Stop,
 }
 
+/// A tool call's input arriving in pieces, held whole so it can be masked.
+struct ToolInput {
+    index: u64,
+    json: String,
+}
+
 struct Guard {
+    /// The constitution, when it has redact rules: held text is then released only up to
+    /// where no identifier can be cut in two, masked.
+    redactor: Option<Arc<Constitution>>,
+    /// The open tool_use block's input, while redacting.
+    tool: Option<ToolInput>,
     ex: Exchange,
     meta: Charter,
     tx: mpsc::Sender<Bytes>,
@@ -230,6 +255,12 @@ impl Guard {
                 self.next_index = self.next_index.max(index + 1);
                 self.open_block = Some(index);
                 let block = &data["content_block"];
+                if block["type"].as_str() == Some("tool_use") && self.redactor.is_some() {
+                    self.tool = Some(ToolInput {
+                        index,
+                        json: String::new(),
+                    });
+                }
                 if block["type"].as_str() != Some("text") {
                     return self.send(raw).await;
                 }
@@ -256,6 +287,15 @@ impl Guard {
                 {
                     let text = delta["text"].as_str().unwrap_or("").to_string();
                     self.hold_text(index.unwrap_or(0), text).await
+                } else if let Some(tool) = self
+                    .tool
+                    .as_mut()
+                    .filter(|t| Some(t.index) == index)
+                    .filter(|_| delta["type"].as_str() == Some("input_json_delta"))
+                {
+                    tool.json
+                        .push_str(delta["partial_json"].as_str().unwrap_or(""));
+                    Flow::Continue
                 } else {
                     self.send_in_order(raw).await
                 }
@@ -266,6 +306,16 @@ impl Guard {
                 }
                 if data["index"].as_u64() == self.text_block {
                     self.text_block = None;
+                }
+                if let Some(tool) = self.tool.take() {
+                    if data["index"].as_u64() == Some(tool.index) {
+                        let delta = self.redacted_tool_input(tool);
+                        if self.send(delta).await == Flow::Stop {
+                            return Flow::Stop;
+                        }
+                    } else {
+                        self.tool = Some(tool);
+                    }
                 }
                 self.open_block = None;
                 self.send(raw).await
@@ -376,7 +426,8 @@ impl Guard {
                 None => checked.result,
             });
             match decision {
-                Decision::Pass => {}
+                // What a redact rule found is masked below, as the text is released.
+                Decision::Pass | Decision::Redact => {}
                 Decision::Flag => {
                     self.meta.action = ActionTaken::Flag;
                     self.meta.failed.get_or_insert("output");
@@ -392,6 +443,10 @@ impl Guard {
         } else {
             sentence_cut(&text).unwrap_or(text.len())
         };
+        let (cut, hits) = self.redaction_cut(&text, cut, all);
+        for h in hits.iter().filter(|h| h.start < cut) {
+            self.meta.note_redacted("output", &h.kind, 1);
+        }
         // Released: consecutive text pieces as one delta, other events as they came;
         // what follows the cut stays held, in order.
         let held = std::mem::take(&mut self.held);
@@ -406,14 +461,19 @@ impl Guard {
             match item {
                 Held::Text { index, text: piece } => {
                     let (now, later) = piece.split_at((cut - offset).min(piece.len()));
+                    let now = if hits.is_empty() {
+                        now.to_string()
+                    } else {
+                        detect::mask_range(&text, &hits, offset, offset + now.len())
+                    };
                     offset += piece.len();
                     match &mut pending {
-                        Some((i, t)) if *i == index => t.push_str(now),
+                        Some((i, t)) if *i == index => t.push_str(&now),
                         _ => {
                             if let Some((i, t)) = pending.take() {
                                 out.push(text_delta(i, &t));
                             }
-                            pending = Some((index, now.to_string()));
+                            pending = Some((index, now));
                         }
                     }
                     if !later.is_empty() {
@@ -447,6 +507,63 @@ impl Guard {
             }
         }
         Flow::Continue
+    }
+
+    /// With redact rules: where the held `text` may be cut (at most `cut`; unless `all`,
+    /// not into what could still grow into an identifier, nor inside one) and the spans
+    /// to mask, as byte offsets into `text`. Found in the released context plus the held
+    /// text, so an identifier is seen whole.
+    fn redaction_cut(&self, text: &str, cut: usize, all: bool) -> (usize, Vec<Hit>) {
+        let Some(constitution) = &self.redactor else {
+            return (cut, Vec::new());
+        };
+        let offset = self.context.len();
+        let window = format!("{}{}", self.context, text);
+        let found = constitution.redactions(&window);
+        let cut = if all {
+            cut
+        } else {
+            detect::release_point(&window, &found, offset + cut).saturating_sub(offset)
+        };
+        let hits = found
+            .into_iter()
+            .filter(|h| h.end > offset)
+            .map(|h| Hit {
+                start: h.start.saturating_sub(offset),
+                end: h.end - offset,
+                ..h
+            })
+            .collect();
+        (cut, hits)
+    }
+
+    /// The whole input of a tool call as one `input_json_delta`, its strings masked.
+    fn redacted_tool_input(&mut self, tool: ToolInput) -> Bytes {
+        let mut json = tool.json;
+        if let Some(constitution) = self.redactor.clone() {
+            match serde_json::from_str::<Value>(if json.is_empty() { "{}" } else { &json }) {
+                Ok(mut input) => {
+                    let mut meta = self.meta.clone();
+                    let changed = messages::redact_strings(
+                        &mut input,
+                        "tool_use",
+                        &mut super::masker(&constitution, &mut meta),
+                    );
+                    if changed {
+                        self.meta = meta;
+                        json = input.to_string();
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "tool input is not JSON; passed on unmasked")
+                }
+            }
+        }
+        sse::event(&json!({
+            "type": "content_block_delta",
+            "index": tool.index,
+            "delta": {"type": "input_json_delta", "partial_json": json},
+        }))
     }
 
     /// Ends the stream with the refusal notice.

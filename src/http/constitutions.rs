@@ -39,6 +39,11 @@ pub struct RuleView {
     pub compliant_examples: usize,
     /// False when the rule can never be violated with the loaded model.
     pub can_fire: bool,
+    /// Built-in detectors and custom pattern names the rule checks with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detectors: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
     pub critique: String,
     pub revision: String,
 }
@@ -100,21 +105,29 @@ pub async fn get(
     let pair = engine
         .partner_index(&index)
         .map(|p| crate::engine::ensemble_threshold(&index, &p));
+    // The index holds the rules exemplars score; a detector-only rule is not in it.
     let rules = c
         .rules
         .iter()
-        .zip(index.rules())
-        .enumerate()
-        .map(|(r, (rule, indexed))| RuleView {
+        .map(|rule| {
+            let r = index.rules().iter().position(|x| x.id == rule.id);
+            (rule, r)
+        })
+        .map(|(rule, r)| RuleView {
             id: rule.id.clone(),
             category: rule.category.clone(),
             principle: rule.principle.clone(),
             severity: rule.severity,
             action: rule.action,
-            threshold: pair.unwrap_or(indexed.threshold),
+            threshold: match r {
+                Some(r) => pair.unwrap_or(index.rules()[r].threshold),
+                None => rule.threshold,
+            },
             violating_examples: rule.violating.len(),
             compliant_examples: rule.compliant.len(),
-            can_fire: index.can_fire(r),
+            can_fire: r.is_none_or(|r| index.can_fire(r)) || !rule.detect.is_empty(),
+            detectors: rule.detectors.clone(),
+            patterns: rule.patterns.iter().map(|p| p.name.clone()).collect(),
             critique: rule.critique.clone(),
             revision: rule.revision.clone(),
         })

@@ -13,7 +13,7 @@ use super::extract::ApiJson;
 use crate::audit::{AuditRecord, Origin, Source};
 use crate::constitution::ConstitutionRef;
 use crate::engine::{Evaluation, Timings};
-use crate::evaluate::{Kind, RuleResult, TextResult, Verdict};
+use crate::evaluate::{Detection, Kind, RuleResult, TextResult, Verdict};
 use crate::ids::{client_key_id, new_id};
 use crate::state::AppState;
 
@@ -49,6 +49,12 @@ pub struct TextOutcome {
     pub tokens: usize,
     pub windows: usize,
     pub rules: Vec<RuleResult>,
+    /// What the rules' detectors found: rule, detector, kind and character span.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detections: Vec<Detection>,
+    /// The text with every span a `redact` rule found replaced by `[KIND]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redacted: Option<String>,
 }
 
 impl From<TextResult> for TextOutcome {
@@ -60,6 +66,8 @@ impl From<TextResult> for TextOutcome {
             tokens: r.tokens,
             windows: r.windows,
             rules: r.rules,
+            detections: r.detections,
+            redacted: r.redacted,
         }
     }
 }

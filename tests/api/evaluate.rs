@@ -295,7 +295,7 @@ async fn constitutions_are_listed_with_versions() {
         .find(|c| c["id"] == "default")
         .unwrap();
     assert_eq!(default["default"], true);
-    assert_eq!(default["rules"], 8);
+    assert_eq!(default["rules"], 10);
     let detail = common::get_json(server, "/v1/constitutions/default").await;
     assert_eq!(detail["version"], default["version"]);
     let rules = detail["rules"].as_array().unwrap();
@@ -309,9 +309,27 @@ async fn constitutions_are_listed_with_versions() {
         "sexual-content",
         "illegal-activity",
         "misinformation",
+        "personal-data",
+        "secrets",
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
+    let secrets = rules.iter().find(|r| r["id"] == "secrets").unwrap();
+    assert_eq!(secrets["action"], "redact");
+    assert_eq!(
+        secrets["can_fire"], true,
+        "detectors fire without exemplars"
+    );
+    assert!(secrets["detectors"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("api_key")));
+    let cannot: Vec<&serde_json::Value> =
+        default["cannot_fire"].as_array().unwrap().iter().collect();
+    assert!(
+        !cannot.contains(&&serde_json::json!("secrets")),
+        "{default}"
+    );
     assert!(rules
         .iter()
         .all(|r| r["principle"]["en"].is_string() && r["principle"]["zh"].is_string()));

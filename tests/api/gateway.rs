@@ -65,15 +65,21 @@ impl Harness {
 /// [`FLAG_CLIENT_KEY`].
 pub fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
-    HARNESS.get_or_init(|| {
+    HARNESS.get_or_init(|| start_harness(&[]))
+}
+
+/// A gateway harness as [`harness`] describes, with `extra` configuration (`CHARTER__*`).
+pub fn start_harness(extra: &[(&str, &str)]) -> Harness {
+    {
         let mock = MockUpstream::start();
         let dir = tempfile::tempdir().unwrap().keep();
         copy_dir(Path::new("constitution"), &dir);
         std::fs::write(dir.join("flagonly.toml"), FLAG_ONLY).unwrap();
-        let env = vec![
+        let mut env = vec![
             ("CHARTER__GATEWAY__UPSTREAM_URL".to_string(), mock.url()),
             ("CHARTER__GATEWAY__API_KEY".to_string(), GATEWAY_KEY.into()),
         ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut config = Config::load_from(None, env).unwrap();
         config.constitutions.dir = dir;
         let mut h = reqwest::header::HeaderMap::new();
@@ -112,7 +118,7 @@ pub fn harness() -> &'static Harness {
             audit,
             refusal,
         }
-    })
+    }
 }
 
 const FLAG_ONLY: &str = r#"

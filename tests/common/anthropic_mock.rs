@@ -18,6 +18,7 @@
 //! | `mock-midstream-error` | a stream that sends some text, then an `error` event |
 //! | `mock-cut` | a stream whose connection closes after some text |
 //! | `bench-long` | ~950 benign characters, streamed without pauses (the benchmark) |
+//! | `mock-secrets`, `mock-secrets-N` | a text holding a card number, an SSN and an API key, then a tool call whose input holds a card and an SSN; streamed text deltas of N characters (default 7) |
 //!
 //! Critique and revision calls (system prompts starting "You review" / "You rewrite") get a
 //! critique and a rewrite whatever the model.
@@ -48,6 +49,11 @@ pub const THINKING_TEXT: &str =
 pub const RICH_TEXT: &str = "I'll check the current weather in Paris for you.";
 pub const PARTIAL_TEXT: &str =
     "Here is the first part of a long answer about the history of the Roman Empire, ";
+
+/// A card number, an SSN and an API key in an ordinary answer.
+pub const SECRETS_TEXT: &str = "Your sandbox account is ready. The test card is 4111 1111 1111 1111, the test SSN is 123-45-6789 and your API key is sk-ant-api03-Zx9QwErTyUiOp1234567890AbCdEfGhIjKlMnOpQrStUvWxYz_-AbCdEf. Restart the app after you save the settings.";
+/// [`SECRETS_TEXT`] as a client of a redacting gateway must see it.
+pub const SECRETS_MASKED: &str = "Your sandbox account is ready. The test card is [CARD], the test SSN is [SSN] and your API key is [API_KEY]. Restart the app after you save the settings.";
 
 /// About 950 characters of gardening prose: released before the harmful part.
 pub fn benign_prefix() -> String {
@@ -302,6 +308,14 @@ fn messages(body: &[u8], n: u64) -> Response {
                 (vec![text_block(PRIVACY_TEXT)], "end_turn")
             }
             "mock-long-harmful" => (vec![text_block(&long_harmful_text())], "end_turn"),
+            m if m.starts_with("mock-secrets") => (
+                vec![
+                    text_block(SECRETS_TEXT),
+                    json!({"type": "tool_use", "id": "toolu_mock_2", "name": "save_card",
+                           "input": {"card": "4111 1111 1111 1111", "note": ["ssn 123-45-6789", 3]}}),
+                ],
+                "tool_use",
+            ),
             "mock-midstream-error" | "mock-cut" => (vec![text_block(PARTIAL_TEXT)], "end_turn"),
             "bench-long" => (vec![text_block(&benign_prefix())], "end_turn"),
             _ => (vec![text_block(PLAIN_TEXT)], "end_turn"),
@@ -338,8 +352,12 @@ fn messages(body: &[u8], n: u64) -> Response {
         _ => Ending::Complete,
     };
     // The benchmark measures the proxy, not simulated network pauses.
+    let piece = model
+        .strip_prefix("mock-secrets-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(7);
     sse(
-        stream_events(&message, ending),
+        stream_events(&message, ending, piece),
         !model.starts_with("bench-"),
     )
 }
@@ -370,7 +388,7 @@ fn pieces(text: &str, n: usize) -> Vec<String> {
 }
 
 /// The event stream of `message`, as the real API sends it.
-fn stream_events(message: &Value, ending: Ending) -> Vec<String> {
+fn stream_events(message: &Value, ending: Ending, piece: usize) -> Vec<String> {
     let mut start = message.clone();
     start["content"] = json!([]);
     start["stop_reason"] = Value::Null;
@@ -383,7 +401,7 @@ fn stream_events(message: &Value, ending: Ending) -> Vec<String> {
         let (start_block, deltas): (Value, Vec<Value>) = match block["type"].as_str().unwrap() {
             "text" => (
                 json!({"type": "text", "text": ""}),
-                pieces(block["text"].as_str().unwrap(), 7)
+                pieces(block["text"].as_str().unwrap(), piece)
                     .into_iter()
                     .map(|t| json!({"type": "text_delta", "text": t}))
                     .collect(),
