@@ -21,5 +21,7 @@ mod gateway;
 mod gateway_sdk;
 #[path = "api/redact.rs"]
 mod redact;
+#[path = "api/refusal.rs"]
+mod refusal;
 #[path = "api/store.rs"]
 mod store;

@@ -113,6 +113,10 @@ pub struct Rule {
     pub threshold: f32,
     pub critique: String,
     pub revision: String,
+    /// What the gateway answers instead of a blocked prompt or answer that breaks this
+    /// rule, keyed by language tag; empty: the gateway's `refusal_message`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub refusal: BTreeMap<String, String>,
     pub violating: Vec<Example>,
     /// The rule's own compliant exemplars (the shared ones are on the constitution).
     pub compliant: Vec<Example>,
@@ -136,6 +140,15 @@ pub struct PatternSpec {
 }
 
 impl Rule {
+    /// The rule's refusal in `lang`, else in English, else in any language it has.
+    pub fn refusal_in(&self, lang: &str) -> Option<&str> {
+        self.refusal
+            .get(lang)
+            .or_else(|| self.refusal.get("en"))
+            .or_else(|| self.refusal.values().next())
+            .map(String::as_str)
+    }
+
     /// Whether exemplars score the rule (it has violating ones); a rule with detectors
     /// only is judged by them alone and has no place in the exemplar index or the heads.
     pub fn scored(&self) -> bool {

@@ -52,6 +52,8 @@ struct RawRule {
     threshold: Option<Spanned<f32>>,
     critique: Option<String>,
     revision: Option<String>,
+    /// The gateway's answer to a blocked text breaking this rule: one text, or by language.
+    refusal: Option<Spanned<RawPrinciple>>,
     #[serde(default)]
     violating: Vec<RawExample>,
     #[serde(default)]
@@ -361,6 +363,20 @@ fn parse_rule(
             "must not be empty",
         );
     }
+    let refusal = match r.refusal.as_ref().map(|r| (r.get_ref(), r.span())) {
+        None => BTreeMap::new(),
+        Some((RawPrinciple::One(text), _)) => BTreeMap::from([("en".to_string(), text.clone())]),
+        Some((RawPrinciple::ByLanguage(map), _)) => map.clone(),
+    };
+    if let Some(raw) = &r.refusal {
+        if refusal.is_empty() || refusal.values().any(|t| t.trim().is_empty()) {
+            errors.at(
+                Some(raw.span()),
+                &field("refusal"),
+                "must not be empty when given",
+            );
+        }
+    }
     let threshold = match &r.threshold {
         Some(t) => check_threshold(errors, t, &field("threshold")),
         None => defaults.threshold,
@@ -420,6 +436,7 @@ fn parse_rule(
         threshold,
         critique: fill(r.critique.as_deref().unwrap_or(&defaults.critique)),
         revision: fill(r.revision.as_deref().unwrap_or(&defaults.revision)),
+        refusal,
         violating,
         compliant,
         detectors,
@@ -697,6 +714,7 @@ action = "flag"
 id = "harm"
 principle = { en = "Do not help cause harm.", zh = "不要帮助造成伤害。" }
 severity = "critical"
+refusal = { en = "Not that.", zh = "不行。" }
 violating = ["How do I build a bomb?", { text = "怎么制造炸弹？", source = "test" }]
 compliant = ["How do bombs get defused safely?"]
 examples_file = "harm.jsonl"
@@ -724,6 +742,8 @@ violating = ["Find me her home address."]
         assert_eq!(harm.action, Action::Flag);
         assert_eq!(harm.threshold, 0.1);
         assert_eq!(harm.principle["zh"], "不要帮助造成伤害。");
+        assert_eq!(harm.refusal_in("zh"), Some("不行。"));
+        assert_eq!(harm.refusal_in("fr"), Some("Not that."));
         assert_eq!(harm.violating.len(), 3);
         assert_eq!(harm.violating[1].source.as_deref(), Some("test"));
         assert_eq!(harm.compliant.len(), 2);
@@ -732,6 +752,7 @@ violating = ["Find me her home address."]
         assert_eq!(privacy.threshold, 0.2);
         assert_eq!(privacy.action, Action::Revise);
         assert_eq!(privacy.severity, Severity::High);
+        assert_eq!(privacy.refusal_in("en"), None);
 
         // The version covers the example file, not only the TOML.
         let before = c.version.clone();
@@ -828,6 +849,20 @@ violating = ["Find me her home address."]
         );
         assert!(
             text.iter().any(|t| t.contains("rules[1].violating")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_refusal_is_an_error_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "id = \"x\"\n[[rules]]\nid = \"a\"\nprinciple = \"p\"\nviolating = [\"v\"]\nrefusal = { en = \" \" }\n";
+        let path = write(dir.path(), "bad.toml", body);
+        let errs = parse_file(&path).unwrap_err().0;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|t| t.contains("bad.toml:6: rules[0].refusal: must not be empty")),
             "{text:?}"
         );
     }

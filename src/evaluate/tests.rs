@@ -22,6 +22,7 @@ fn rule(id: &str, threshold: f32, violating: &[&str], compliant: &[&str]) -> Rul
         threshold,
         critique: String::new(),
         revision: String::new(),
+        refusal: BTreeMap::new(),
         violating: violating.iter().map(|t| ex(t)).collect(),
         compliant: compliant.iter().map(|t| ex(t)).collect(),
         detectors: Vec::new(),

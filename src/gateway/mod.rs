@@ -433,7 +433,7 @@ async fn screen(
     match decision {
         Decision::Block => {
             meta.action = ActionTaken::Block;
-            let refusal = &config.gateway.refusal_message;
+            let refusal = &ex.refusal(meta);
             let id = messages::new_message_id();
             let response = if view.stream {
                 let events = messages::refusal_events(&id, &ex.model, refusal, meta);
@@ -461,6 +461,48 @@ async fn screen(
 }
 
 /// Adds a check's violated rules to the metadata (and turns the verdict to fail).
+impl Exchange {
+    /// The answer to a blocked prompt or output: the refusal of the most severe violated
+    /// rule that has one (in the file's order among equals), in the language of the
+    /// user's turn, else the gateway's `refusal_message`.
+    fn refusal(&self, meta: &Charter) -> String {
+        let lang = language_of(self.user_text.as_deref().unwrap_or(""));
+        let index = self.engine.constitution(Some(&self.constitution)).ok();
+        index
+            .as_ref()
+            .and_then(|index| {
+                let rules = &index.constitution().rules;
+                let mut chosen: Option<&crate::constitution::Rule> = None;
+                for rule in rules.iter().filter(|r| meta.violated.contains(&r.id)) {
+                    if !rule.refusal.is_empty() && chosen.is_none_or(|c| rule.severity > c.severity)
+                    {
+                        chosen = Some(rule);
+                    }
+                }
+                chosen.and_then(|r| r.refusal_in(lang)).map(str::to_string)
+            })
+            .unwrap_or_else(|| self.gw.config().gateway.refusal_message.clone())
+    }
+}
+
+/// `zh` when Chinese characters are at least half as many as Latin letters (and present),
+/// else `en`: enough to answer a user in the language they wrote in.
+fn language_of(text: &str) -> &'static str {
+    let (mut han, mut latin) = (0usize, 0usize);
+    for c in text.chars() {
+        if ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c) {
+            han += 1;
+        } else if c.is_ascii_alphabetic() {
+            latin += 1;
+        }
+    }
+    if han > 0 && 2 * han >= latin {
+        "zh"
+    } else {
+        "en"
+    }
+}
+
 fn note_violations(meta: &mut Charter, checked: &Checked) {
     for rule in checked.result.violated() {
         meta.verdict = Verdict::Fail;
@@ -476,7 +518,6 @@ async fn review_output(
     body: &[u8],
     meta: &mut Charter,
 ) -> Result<(Vec<u8>, ActionTaken), GatewayError> {
-    let config = ex.gw.config();
     let message: Value = serde_json::from_slice(body)
         .map_err(|e| GatewayError::UpstreamProtocol(format!("the response is not JSON: {e}")))?;
     if !messages::is_message(&message) {
@@ -525,7 +566,7 @@ async fn review_output(
             }),
         )
     };
-    let refusal = &config.gateway.refusal_message;
+    let refusal = &ex.refusal(meta);
     let out = match decision {
         Decision::Pass | Decision::Flag | Decision::Redact => {
             if decision == Decision::Flag {
@@ -641,5 +682,17 @@ fn add_headers(response: &mut Response, extra: &[(&'static str, String)]) {
                 .headers_mut()
                 .insert(HeaderName::from_static(name), value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_language_is_the_one_most_written_in() {
+        assert_eq!(super::language_of("我不想活了"), "zh");
+        assert_eq!(super::language_of("请帮我 debug 这段 code"), "zh");
+        assert_eq!(super::language_of("Translate 你好 into French"), "en");
+        assert_eq!(super::language_of("I want to end it"), "en");
+        assert_eq!(super::language_of(""), "en");
     }
 }

@@ -577,7 +577,7 @@ impl Guard {
         if let Some(index) = self.open_block.take() {
             events.push(json!({"type": "content_block_stop", "index": index}));
         }
-        let refusal = self.ex.gw.config().gateway.refusal_message.clone();
+        let refusal = self.ex.refusal(&self.meta);
         events.extend(messages::notice_block_events(self.next_index, &refusal));
         events.extend(messages::end_events(
             self.output_tokens,
