@@ -40,7 +40,7 @@ pub fn read_request(body: &Value) -> Result<RequestView, String> {
                 .rev()
                 .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         })
-        .and_then(|m| content_text(m.get("content")?));
+        .and_then(|m| turn_text(m.get("content")?));
     Ok(RequestView {
         stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
         model: obj.get("model").and_then(Value::as_str).map(str::to_string),
@@ -48,6 +48,26 @@ pub fn read_request(body: &Value) -> Result<RequestView, String> {
         last_user_text,
         system_text: obj.get("system").and_then(content_text),
     })
+}
+
+/// The new input of a user turn: its text blocks and the text of its `tool_result` blocks
+/// (a tool's output is read by the model like the user's words, so it is screened with
+/// them), joined by blank lines.
+pub fn turn_text(content: &Value) -> Option<String> {
+    let text = match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| match b.get("type").and_then(Value::as_str) {
+                Some("text") => b.get("text").and_then(Value::as_str).map(str::to_string),
+                Some("tool_result") => b.get("content").and_then(content_text),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n"),
+        _ => return None,
+    };
+    (!text.trim().is_empty()).then_some(text)
 }
 
 /// Text of a `content` (or `system`) value: the string itself, or the `text` blocks of a
@@ -464,6 +484,28 @@ pub fn with_charter_field(body: &[u8], charter: &Charter) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_screened_turn_holds_its_text_and_its_tool_results() {
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": "earlier turn"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "tool says A"},
+                {"type": "tool_result", "tool_use_id": "t2",
+                 "content": [{"type": "text", "text": "tool says B"}, {"type": "image", "source": {}}]},
+                {"type": "text", "text": "and the user says C"},
+            ]},
+        ]});
+        let view = read_request(&body).unwrap();
+        assert_eq!(
+            view.last_user_text.as_deref(),
+            Some("tool says A\n\ntool says B\n\nand the user says C")
+        );
+        let only_images = json!({"messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]}]});
+        assert_eq!(read_request(&only_images).unwrap().last_user_text, None);
+    }
+
     fn charter() -> Charter {
         Charter {
             id: "eval_1".into(),
@@ -544,7 +586,7 @@ mod tests {
                 stream: true,
                 model: Some("claude-x".into()),
                 max_tokens: Some(100),
-                last_user_text: Some("second\n\nthird".into()),
+                last_user_text: Some("second\n\nx\n\nthird".into()),
                 system_text: Some("Be brief.".into()),
             }
         );
