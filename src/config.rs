@@ -79,7 +79,7 @@ impl ServerConfig {
                     && url.path() == "/"
                     && url.query().is_none()
                     && !o.ends_with('/');
-                if !bare || *o == "*" {
+                if !bare {
                     return Err(format!(
                         "{o:?} is not an origin (scheme://host[:port], or \"*\" alone)"
                     ));

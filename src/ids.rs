@@ -6,18 +6,17 @@
 
 use axum::http::{header, HeaderMap, HeaderName};
 
-/// `application/json` or `application/*+json`, with any parameters.
+/// `application/json` or `application/*+json`, with any parameters (the test axum's own
+/// `Json` extractor makes).
 pub fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
-    let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
+    let Some(mime) = content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<mime::Mime>().ok())
+    else {
         return false;
     };
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    essence.eq_ignore_ascii_case("application/json")
-        || (essence.len() > "application/+json".len()
-            && essence
-                .get(.."application/".len())
-                .is_some_and(|p| p.eq_ignore_ascii_case("application/"))
-            && essence.to_ascii_lowercase().ends_with("+json"))
+    mime.type_() == mime::APPLICATION
+        && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
 }
 
 /// The request id header: set by the HTTP layer when absent, echoed in the response and

@@ -247,8 +247,9 @@ impl Constitution {
     }
 
     /// Rules that can never be violated when `model` scores: rules without violating
-    /// exemplars (and without detectors, which fire on their own), and, when its calibration has heads, rules it fitted no head for (no
-    /// labelled violations of their category).
+    /// exemplars (and without detectors, which fire on their own), and, when its
+    /// calibration has heads, rules it fitted no head for (no labelled violations of their
+    /// category).
     pub fn silent_rules(&self, model: &str) -> Vec<&str> {
         let heads = self
             .calibration(model)

@@ -17,9 +17,10 @@
 //! for redact, mask what the constitution's redact rules find in the text blocks and tool
 //! inputs); stream through [`stream`], which releases text only once evaluated (and,
 //! with redact rules, only up to where no identifier can be cut in two, masked). With
-//! `gateway.redact_prompts` the last user turn is masked before it goes upstream. Every evaluation is
-//! handed to the audit sink before its outcome reaches the client; the outcome is in the
-//! `x-charter-*` headers and the message's extra `charter` field ([`messages::Charter`]).
+//! `gateway.redact_prompts` the last user turn is masked before it goes upstream. Every
+//! evaluation is handed to the audit sink before its outcome reaches the client; the
+//! outcome is in the `x-charter-*` headers and the message's extra `charter` field
+//! ([`messages::Charter`]).
 //!
 //! Owns: the proxy's logic and its service (configuration, audit sink, one shared upstream
 //! client); the routes and deadlines are in `http::messages`. Must not: run the model (the
@@ -240,6 +241,27 @@ impl Exchange {
             .map_err(ErrorClass::from)?;
         Ok(Arc::clone(index.constitution()))
     }
+
+    /// The answer to a blocked prompt or output: the refusal of the most severe violated
+    /// rule that has one (in the file's order among equals), in the language of the
+    /// user's turn, else the gateway's `refusal_message`.
+    fn refusal(&self, meta: &Charter) -> String {
+        let lang = language_of(self.user_text.as_deref().unwrap_or(""));
+        let constitution = self.constitution().ok();
+        let mut chosen: Option<&crate::constitution::Rule> = None;
+        for rule in constitution.iter().flat_map(|c| &c.rules) {
+            if meta.violated.contains(&rule.id)
+                && !rule.refusal.is_empty()
+                && chosen.is_none_or(|c| rule.severity > c.severity)
+            {
+                chosen = Some(rule);
+            }
+        }
+        chosen
+            .and_then(|r| r.refusal_in(lang))
+            .map(str::to_string)
+            .unwrap_or_else(|| self.gw.config().gateway.refusal_message.clone())
+    }
 }
 
 /// Masks what the constitution's redact rules find in a string, noting kinds and counts
@@ -253,14 +275,11 @@ fn masker<'a>(
         if hits.is_empty() {
             return None;
         }
-        let mut kinds: Vec<&str> = hits.iter().map(|h| h.kind.as_str()).collect();
-        kinds.sort_unstable();
-        for kind in kinds
-            .iter()
-            .copied()
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let count = kinds.iter().filter(|k| **k == kind).count();
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for h in &hits {
+            *counts.entry(h.kind.as_str()).or_default() += 1;
+        }
+        for (kind, count) in counts {
             meta.note_redacted(part, kind, count);
         }
         Some(crate::detect::mask(text, &hits))
@@ -460,31 +479,6 @@ async fn screen(
     }
 }
 
-/// Adds a check's violated rules to the metadata (and turns the verdict to fail).
-impl Exchange {
-    /// The answer to a blocked prompt or output: the refusal of the most severe violated
-    /// rule that has one (in the file's order among equals), in the language of the
-    /// user's turn, else the gateway's `refusal_message`.
-    fn refusal(&self, meta: &Charter) -> String {
-        let lang = language_of(self.user_text.as_deref().unwrap_or(""));
-        let index = self.engine.constitution(Some(&self.constitution)).ok();
-        index
-            .as_ref()
-            .and_then(|index| {
-                let rules = &index.constitution().rules;
-                let mut chosen: Option<&crate::constitution::Rule> = None;
-                for rule in rules.iter().filter(|r| meta.violated.contains(&r.id)) {
-                    if !rule.refusal.is_empty() && chosen.is_none_or(|c| rule.severity > c.severity)
-                    {
-                        chosen = Some(rule);
-                    }
-                }
-                chosen.and_then(|r| r.refusal_in(lang)).map(str::to_string)
-            })
-            .unwrap_or_else(|| self.gw.config().gateway.refusal_message.clone())
-    }
-}
-
 /// `zh` when Chinese characters are at least half as many as Latin letters (and present),
 /// else `en`: enough to answer a user in the language they wrote in.
 fn language_of(text: &str) -> &'static str {
@@ -503,6 +497,7 @@ fn language_of(text: &str) -> &'static str {
     }
 }
 
+/// Adds a check's violated rules to the metadata (and turns the verdict to fail).
 fn note_violations(meta: &mut Charter, checked: &Checked) {
     for rule in checked.result.violated() {
         meta.verdict = Verdict::Fail;
@@ -566,7 +561,6 @@ async fn review_output(
             }),
         )
     };
-    let refusal = &ex.refusal(meta);
     let out = match decision {
         Decision::Pass | Decision::Flag | Decision::Redact => {
             if decision == Decision::Flag {
@@ -584,7 +578,8 @@ async fn review_output(
         Decision::Block => {
             meta.action = ActionTaken::Block;
             record(meta, &checked);
-            serde_json::to_vec(&messages::blocked_response(message.clone(), refusal, meta))
+            let refusal = ex.refusal(meta);
+            serde_json::to_vec(&messages::blocked_response(message.clone(), &refusal, meta))
                 .map_err(|e| GatewayError::Internal(e.to_string()))?
         }
         Decision::Revise => {
@@ -606,7 +601,7 @@ async fn review_output(
                 None => {
                     meta.action = ActionTaken::Block;
                     record(meta, &checked);
-                    messages::blocked_response(message.clone(), refusal, meta)
+                    messages::blocked_response(message.clone(), &ex.refusal(meta), meta)
                 }
             };
             serde_json::to_vec(&out).map_err(|e| GatewayError::Internal(e.to_string()))?
