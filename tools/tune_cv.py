@@ -45,18 +45,11 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
-DATA_ARGS: list[str] = []  # --data and --ordinary, as given: the same for training and bench
-
-
-def data_args() -> list[str]:
-    return DATA_ARGS
-
-
-def build_fold(fold: int, seed: int, work: Path, train_extra: list[str]) -> Path:
+def build_fold(fold: int, seed: int, work: Path, data: list[str], train_extra: list[str]) -> Path:
     """Train fold `fold`'s encoder and build its model folder; returns the folder."""
     delta = work / f"delta-{fold}.npz"
     if not delta.exists():
-        run([sys.executable, str(TOOLS / "tune_use.py"), "train", *data_args(),
+        run([sys.executable, str(TOOLS / "tune_use.py"), "train", *data,
              "--exclude-fold", str(fold), "--seed", str(seed), "--out", str(delta), *train_extra])
     folder = work / f"model-{fold}"
     if not (folder / "charter-model.json").exists():
@@ -75,12 +68,13 @@ def build_fold(fold: int, seed: int, work: Path, train_extra: list[str]) -> Path
     return folder
 
 
-def bench_fold(fold: int, folder: Path, work: Path, bench_extra: list[str]) -> list[dict]:
+def bench_fold(fold: int, folder: Path, work: Path, data: list[str],
+               bench_extra: list[str]) -> list[dict]:
     out = work / f"bench-{fold}"
     items = out / "items.jsonl"
     if not items.exists():
         env = dict(os.environ, CHARTER__MODEL__DIR=str(folder))
-        run([str(ROOT / "target" / "release" / "charter"), "bench", *data_args(), "--out", str(out),
+        run([str(ROOT / "target" / "release" / "charter"), "bench", *data, "--out", str(out),
              *bench_extra], env=env)
     with open(items, encoding="utf-8") as f:
         lines = [json.loads(line) for line in f]
@@ -173,14 +167,15 @@ def main() -> int:
     ap.add_argument("--data", action="append", required=True, help="labelled JSONL (repeat)")
     ap.add_argument("--ordinary", action="append", default=[], help="ordinary traffic (repeat)")
     args = ap.parse_args(argv)
-    DATA_ARGS.extend(a for path in args.data for a in ("--data", path))
-    DATA_ARGS.extend(a for path in args.ordinary for a in ("--ordinary", path))
+    # --data and --ordinary as given: the same files for training and for bench.
+    data = [a for path in args.data for a in ("--data", path)]
+    data += [a for path in args.ordinary for a in ("--ordinary", path)]
     work = args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     kept, t0 = [], time.time()
     for fold in (int(f) for f in args.folds.split(",")):
-        folder = build_fold(fold, args.seed, work, args.train_arg)
-        lines = bench_fold(fold, folder, work, bench_extra)
+        folder = build_fold(fold, args.seed, work, data, args.train_arg)
+        lines = bench_fold(fold, folder, work, data, bench_extra)
         log(f"fold {fold}: {len(lines)} held-out texts; {json.dumps(figures(lines))} "
             f"({time.time() - t0:.0f} s)")
         kept.extend(lines)

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import zipfile
@@ -285,8 +286,6 @@ _ZH_ANSWERS = [
 
 def as_answer(text: str, lang: str, rng: random.Random) -> str | None:
     """The request `text` rewritten as the start of an answer that complies, or None."""
-    import re
-
     first = text.strip()
     if lang == "zh":
         for pattern, forms in _ZH_ANSWERS:
