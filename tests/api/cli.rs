@@ -2,13 +2,13 @@
 
 use std::process::Command;
 
-fn charter() -> Command {
+pub fn charter() -> Command {
     Command::new(env!("CARGO_BIN_EXE_charter"))
 }
 
 /// Runs a command without the audit store and returns its stdout; fails the test with
 /// both outputs when it does not succeed.
-fn succeed(command: &mut Command) -> String {
+pub fn succeed(command: &mut Command) -> String {
     let run = command
         .env("CHARTER__AUDIT__ENABLED", "false")
         .output()

@@ -266,17 +266,8 @@ fn charter_eval_lines_carry_detections_and_the_redacted_text() {
         "{\"id\": \"r\", \"text\": \"SSN 123-45-6789, phone 555-0142\"}\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_charter"))
-        .arg("eval")
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = crate::cli::succeed(crate::cli::charter().arg("eval").arg(&input));
+    let line: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(line["redacted"], "SSN [SSN], phone [PHONE]", "{line}");
     assert_eq!(line["detections"][0]["kind"], "SSN");
     assert!(
