@@ -143,8 +143,9 @@ impl Builtin {
                         && s.bytes().skip(3).any(|c| c.is_ascii_alphabetic())
                 }
                 Builtin::Password => {
-                    // A full stop after the value ends the sentence, not the password.
-                    end = start + s.trim_end_matches('.').len();
+                    // A full stop after the value, or the bracket of an enclosing aside
+                    // ("(using password: YES)"), is not the password.
+                    end = start + trim_closing(s).len();
                     password_value(&text[start..end], caps.get(0).map_or("", |m| m.as_str()))
                 }
                 Builtin::Email => true,
@@ -259,6 +260,28 @@ fn ipv6(s: &str) -> bool {
     // and one without `::` has all eight groups.
     let groups = s.split(':').filter(|g| !g.is_empty()).count();
     s.bytes().any(|c| c.is_ascii_digit()) && ((s.contains("::") && groups >= 1) || groups == 8)
+}
+
+/// `value` without trailing full stops and closing brackets that close nothing inside it
+/// (`!` and `?` stay: they end many real passwords).
+fn trim_closing(value: &str) -> &str {
+    let mut v = value;
+    loop {
+        let trimmed = v.trim_end_matches('.');
+        let unmatched = |close: char, open: char| {
+            trimmed.ends_with(close)
+                && trimmed.matches(open).count() < trimmed.matches(close).count()
+        };
+        let next = if unmatched(')', '(') || unmatched(']', '[') || unmatched('}', '{') {
+            &trimmed[..trimmed.len() - 1]
+        } else {
+            trimmed
+        };
+        if next.len() == v.len() {
+            return v;
+        }
+        v = next;
+    }
 }
 
 /// A password-style value: not a placeholder (`****`, `<password>`, `${PASS}`, `xxxx`),

@@ -481,6 +481,8 @@ fn look_alike(r: &mut Rng) -> String {
                 "Password: must be at least eight characters long.",
                 "the secret: always be kind",
                 "Set token = null.",
+                "Access denied for user 'root'@'localhost' (using password: YES)",
+                "MySQL 报错 (using password: NO)，密码确定没输错",
             ])
             .to_string(),
         18 => format!(
@@ -661,6 +663,21 @@ fn issue_example_is_caught() {
         mask(text, &hits),
         "Here is your neighbour's full record: John Miller, 12 Elm St, Springfield, SSN [SSN], phone [PHONE], and he is usually away on Tuesdays."
     );
+}
+
+#[test]
+fn a_password_keeps_its_own_brackets_but_not_the_sentence_around_it() {
+    let cases = [
+        ("(password: hunter2)", "hunter2"),
+        ("password=pa(ss)word!", "pa(ss)word!"),
+        ("Set password: f00{bar}.", "f00{bar}"),
+        ("[password=x9y8z7].", "x9y8z7"),
+    ];
+    for (text, value) in cases {
+        let hits = all().find(text);
+        let found: Vec<&str> = hits.iter().map(|h| &text[h.start..h.end]).collect();
+        assert_eq!(found, [value], "{text}");
+    }
 }
 
 #[test]
