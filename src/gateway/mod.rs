@@ -47,7 +47,7 @@ use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::constitution::{Constitution, ConstitutionRef};
 use crate::engine::{Engine, ErrorClass};
-use crate::evaluate::{Kind, Verdict};
+use crate::evaluate::{Kind, TextResult, Verdict};
 use crate::ids::{client_key_id, new_id, REQUEST_ID};
 
 use error::GatewayError;
@@ -439,7 +439,7 @@ async fn screen(
             }),
         );
         meta.checked.push(part);
-        note_violations(meta, &checked);
+        note_violations(meta, &checked.result);
         if this != Decision::Pass && meta.failed.is_none() {
             meta.failed = Some(part);
         }
@@ -498,8 +498,8 @@ fn language_of(text: &str) -> &'static str {
 }
 
 /// Adds a check's violated rules to the metadata (and turns the verdict to fail).
-fn note_violations(meta: &mut Charter, checked: &Checked) {
-    for rule in checked.result.violated() {
+fn note_violations(meta: &mut Charter, result: &TextResult) {
+    for rule in result.violated() {
         meta.verdict = Verdict::Fail;
         if !meta.violated.contains(&rule.id) {
             meta.violated.push(rule.id.clone());
@@ -534,7 +534,7 @@ async fn review_output(
     let checked = review::check_output(&ex.gw, &ex.engine, &text, &ex.constitution).await?;
     let decision = review::decide(&checked.result);
     meta.checked.push("output");
-    note_violations(meta, &checked);
+    note_violations(meta, &checked.result);
     if decision != Decision::Pass && meta.failed.is_none() {
         meta.failed = Some("output");
     }
