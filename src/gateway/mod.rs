@@ -51,7 +51,7 @@ use crate::evaluate::{Kind, TextResult, Verdict};
 use crate::ids::{client_key_id, new_id, REQUEST_ID};
 
 use error::GatewayError;
-use messages::{ActionTaken, Charter, RequestView, Usage};
+use messages::{ActionTaken, Charter, RequestView};
 use review::{Checked, Decision};
 use upstream::{Upstream, CONSTITUTION_HEADER};
 
@@ -171,20 +171,7 @@ pub async fn exchange(
             .to_string(),
         gw: Arc::clone(&gw),
     };
-    let mut meta = Charter {
-        id: ex.id.clone(),
-        verdict: Verdict::Pass,
-        action: ActionTaken::None,
-        violated: Vec::new(),
-        constitution,
-        checked: Vec::new(),
-        failed: None,
-        revise_rounds: 0,
-        extra_usage: Usage::default(),
-        released_chars: None,
-        note: None,
-        redacted: Vec::new(),
-    };
+    let mut meta = Charter::new(ex.id.clone(), constitution);
 
     if config.screen_prompts {
         if let Some(response) = screen(&ex, &view, &mut meta).await? {

@@ -50,7 +50,7 @@ use super::review;
 use super::sse::SseParser;
 use super::{add_headers, sse_response, upstream, Exchange};
 use crate::evaluate::{Index, Kind};
-use machine::{Event, Judgement, Machine, Outcome, Step, Windows};
+use machine::{Event, Judgement, Machine, OutputRecord, Step, WindowSizes};
 
 /// Events queued towards the client; small, so a slow client slows the upstream read
 /// instead of growing memory.
@@ -80,7 +80,7 @@ pub fn guard(ex: Exchange, response: reqwest::Response, meta: Charter) -> Respon
     // Without the constitution no window could be evaluated either: the first release
     // ends the stream with an error.
     let redactor = ex.constitution().ok().filter(|c| c.redacts());
-    let windows = Windows {
+    let windows = WindowSizes {
         hold_back: config.hold_back_chars,
         context_chars: config.context_chars,
     };
@@ -207,13 +207,13 @@ impl Guard {
     /// machine queued (so the record precedes the final events). False when the client
     /// is gone.
     async fn settle(&mut self) -> bool {
-        if let Some(outcome) = self.machine.take_outcome() {
+        if let Some(outcome) = self.machine.take_record() {
             self.record(outcome);
         }
         for bytes in self.machine.take_outbox() {
             if self.tx.send(bytes).await.is_err() {
                 self.machine.client_gone();
-                if let Some(outcome) = self.machine.take_outcome() {
+                if let Some(outcome) = self.machine.take_record() {
                     self.record(outcome);
                 }
                 return false;
@@ -222,7 +222,7 @@ impl Guard {
         true
     }
 
-    fn record(&self, outcome: Outcome) {
+    fn record(&self, outcome: OutputRecord) {
         let Some((index, model)) = &self.index else {
             return;
         };

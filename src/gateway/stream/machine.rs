@@ -108,7 +108,7 @@ pub(super) struct Judgement {
 
 /// What the output's audit record holds; the driver adds the index, the model and the
 /// request id, and hands it to the sink before the final events are sent.
-pub(super) struct Outcome {
+pub(super) struct OutputRecord {
     pub result: TextResult,
     /// Every character evaluated, released or withheld.
     pub text: String,
@@ -126,7 +126,7 @@ enum Held {
 
 /// Sizes of the windows.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Windows {
+pub(super) struct WindowSizes {
     /// New characters held before a window is judged (`gateway.hold_back_chars`).
     pub hold_back: usize,
     /// Released characters judged again with the next window (`gateway.context_chars`).
@@ -135,7 +135,7 @@ pub(super) struct Windows {
 
 pub(super) struct Machine {
     state: State,
-    windows: Windows,
+    windows: WindowSizes,
     /// The constitution, when it has redact rules: held text is then released only up to
     /// where no identifier can be cut in two, masked.
     redactor: Option<Arc<Constitution>>,
@@ -163,14 +163,14 @@ pub(super) struct Machine {
     /// The event that waits for the verdict.
     pending: Option<Event>,
     recorded: bool,
-    outcome: Option<Outcome>,
+    record: Option<OutputRecord>,
     outbox: Vec<Bytes>,
 }
 
 impl Machine {
     pub(super) fn new(
         meta: Charter,
-        windows: Windows,
+        windows: WindowSizes,
         redactor: Option<Arc<Constitution>>,
     ) -> Self {
         Machine {
@@ -193,7 +193,7 @@ impl Machine {
             judging_all: true,
             pending: None,
             recorded: false,
-            outcome: None,
+            record: None,
             outbox: Vec::new(),
         }
     }
@@ -215,8 +215,8 @@ impl Machine {
 
     /// The audit record's content, once the stream has ended (or its message_delta came)
     /// and some text was evaluated.
-    pub(super) fn take_outcome(&mut self) -> Option<Outcome> {
-        self.outcome.take()
+    pub(super) fn take_record(&mut self) -> Option<OutputRecord> {
+        self.record.take()
     }
 
     /// An upstream event arrived.
@@ -669,7 +669,7 @@ impl Machine {
             "ended": ended,
             "output_tokens_reported": self.output_tokens,
         });
-        self.outcome = Some(Outcome {
+        self.record = Some(OutputRecord {
             result: result.clone(),
             text: self.checked_text.clone(),
             chars: self.checked_chars,

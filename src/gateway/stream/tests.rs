@@ -5,39 +5,37 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::machine::{sentence_cut, End, Event, Judgement, Machine, State, Step, Windows};
+use super::machine::{sentence_cut, End, Event, Judgement, Machine, State, Step, WindowSizes};
 use crate::constitution::{Action, Constitution, ConstitutionRef, Severity};
 use crate::evaluate::{RuleResult, TextResult, Verdict};
 use crate::gateway::error::GatewayError;
-use crate::gateway::messages::{ActionTaken, Charter, Usage};
+use crate::gateway::messages::{ActionTaken, Charter};
 use crate::gateway::sse::SseEvent;
 
 fn meta() -> Charter {
-    Charter {
-        id: "eval_1".into(),
-        verdict: Verdict::Pass,
-        action: ActionTaken::None,
-        violated: Vec::new(),
-        constitution: ConstitutionRef {
-            id: "default".into(),
-            version: "abc".into(),
-        },
-        checked: vec!["prompt"],
-        failed: None,
-        revise_rounds: 0,
-        extra_usage: Usage::default(),
-        released_chars: None,
-        note: None,
-        redacted: Vec::new(),
-    }
+    let constitution = ConstitutionRef {
+        id: "default".into(),
+        version: "abc".into(),
+    };
+    let mut meta = Charter::new("eval_1".into(), constitution);
+    meta.checked.push("prompt");
+    meta
 }
 
 fn machine(hold_back: usize) -> Machine {
-    let windows = Windows {
+    let windows = WindowSizes {
         hold_back,
         context_chars: 20,
     };
     Machine::new(meta(), windows, None)
+}
+
+/// A machine past `message_start`, nothing queued.
+fn started(hold_back: usize) -> Machine {
+    let mut m = machine(hold_back);
+    m.event(start());
+    sent(&mut m);
+    m
 }
 
 fn event(data: Value) -> Event {
@@ -132,13 +130,26 @@ fn no_refusal(_: &Charter) -> String {
     unreachable!("no refusal expected")
 }
 
+/// Passes the window being judged; the one text delta released.
+fn passed_one_delta(m: &mut Machine) -> String {
+    assert_eq!(m.judged(verdict(None), no_refusal), Step::Read);
+    let out = sent(m);
+    assert_eq!(types(&out), ["content_block_delta"]);
+    out[0]["delta"]["text"].as_str().unwrap().to_string()
+}
+
+/// A machine inside text block 0, nothing queued.
+fn in_text(hold_back: usize) -> Machine {
+    let mut m = started(hold_back);
+    m.event(block_start(0, "text"));
+    sent(&mut m);
+    m
+}
+
 /// A machine inside text block 0, with `held` held (below the hold-back).
 fn holding(held: &str) -> Machine {
-    let mut m = machine(100);
-    m.event(start());
-    m.event(block_start(0, "text"));
+    let mut m = in_text(100);
     assert_eq!(m.event(text(0, held)), Step::Read);
-    sent(&mut m);
     m
 }
 
@@ -153,9 +164,7 @@ fn message_start_moves_starting_to_between() {
 
 #[test]
 fn a_second_message_start_is_dropped() {
-    let mut m = machine(10);
-    m.event(start());
-    sent(&mut m);
+    let mut m = started(10);
     assert_eq!(m.event(start()), Step::Read);
     assert_eq!(m.state(), &State::Between);
     assert!(sent(&mut m).is_empty());
@@ -163,9 +172,7 @@ fn a_second_message_start_is_dropped() {
 
 #[test]
 fn a_text_block_start_opens_text() {
-    let mut m = machine(10);
-    m.event(start());
-    sent(&mut m);
+    let mut m = started(10);
     assert_eq!(m.event(block_start(0, "text")), Step::Read);
     assert_eq!(m.state(), &State::Text { index: 0 });
     assert_eq!(types(&sent(&mut m)), ["content_block_start"]);
@@ -173,9 +180,7 @@ fn a_text_block_start_opens_text() {
 
 #[test]
 fn text_in_a_block_start_is_held_and_the_start_goes_out_empty() {
-    let mut m = machine(100);
-    m.event(start());
-    sent(&mut m);
+    let mut m = started(100);
     let with_text = json!({
         "type": "content_block_start",
         "index": 0,
@@ -199,18 +204,12 @@ fn text_below_the_hold_back_is_held() {
 
 #[test]
 fn the_hold_back_reached_asks_for_a_verdict_and_a_pass_releases_to_the_sentence_end() {
-    let mut m = machine(10);
-    m.event(start());
-    m.event(block_start(0, "text"));
-    sent(&mut m);
+    let mut m = in_text(10);
     assert_eq!(
         m.event(text(0, "One. Two. Thr")),
         Step::Judge("One. Two. Thr".into())
     );
-    assert_eq!(m.judged(verdict(None), no_refusal), Step::Read);
-    let out = sent(&mut m);
-    assert_eq!(types(&out), ["content_block_delta"]);
-    assert_eq!(out[0]["delta"]["text"], "One. Two.");
+    assert_eq!(passed_one_delta(&mut m), "One. Two.");
     // The unfinished sentence is judged again, with the released text as context.
     assert_eq!(m.event(block_stop(0)), Step::Judge("One. Two. Thr".into()));
 }
@@ -279,7 +278,7 @@ fn a_block_verdict_ends_the_stream_with_the_refusal() {
     assert_eq!(out[2]["delta"]["text"], "I can't help with that.");
     assert_eq!(out[4]["delta"]["stop_reason"], "refusal");
     assert!(!out.iter().any(|e| e.to_string().contains("How to hurt")));
-    let outcome = m.take_outcome().unwrap();
+    let outcome = m.take_record().unwrap();
     assert_eq!(outcome.context["ended"], "blocked");
     assert_eq!(outcome.context["withheld_chars"], 11);
     assert_eq!(outcome.text, "How to hurt");
@@ -325,14 +324,12 @@ fn a_failed_evaluation_ends_with_an_error_event() {
     assert_eq!(types(&out), ["error"]);
     assert_eq!(out[0]["error"]["type"], "overloaded_error");
     // Nothing was judged: nothing to record.
-    assert!(m.take_outcome().is_none());
+    assert!(m.take_record().is_none());
 }
 
 #[test]
 fn other_blocks_pass_as_they_come() {
-    let mut m = machine(10);
-    m.event(start());
-    sent(&mut m);
+    let mut m = started(10);
     assert_eq!(m.event(block_start(0, "thinking")), Step::Read);
     assert_eq!(m.state(), &State::Passing { index: 0 });
     let thinking = json!({
@@ -372,7 +369,7 @@ fn redacting() -> Arc<Constitution> {
 
 #[test]
 fn a_tool_input_is_held_whole_and_sent_masked() {
-    let windows = Windows {
+    let windows = WindowSizes {
         hold_back: 10,
         context_chars: 20,
     };
@@ -410,20 +407,18 @@ fn message_delta_records_the_outcome_and_carries_the_metadata() {
     assert_eq!(types(&out), ["content_block_delta", "message_delta"]);
     assert_eq!(out[1]["charter"]["released_chars"], 9);
     assert_eq!(out[1]["charter"]["checked"], json!(["prompt", "output"]));
-    let outcome = m.take_outcome().unwrap();
+    let outcome = m.take_record().unwrap();
     assert_eq!(outcome.context["ended"], "message_stop");
     assert_eq!(outcome.context["output_tokens_reported"], 7);
     assert_eq!(outcome.windows, 1);
     // Recorded once: message_stop does not record again.
     assert_eq!(m.event(event(json!({"type": "message_stop"}))), Step::Stop);
-    assert!(m.take_outcome().is_none());
+    assert!(m.take_record().is_none());
 }
 
 #[test]
 fn message_stop_ends_the_stream() {
-    let mut m = machine(10);
-    m.event(start());
-    sent(&mut m);
+    let mut m = started(10);
     assert_eq!(m.event(event(json!({"type": "message_stop"}))), Step::Stop);
     assert_eq!(m.state(), &State::Ended(End::Completed));
     assert_eq!(types(&sent(&mut m)), ["message_stop"]);
@@ -441,13 +436,8 @@ fn an_upstream_error_event_drops_held_text_and_ends() {
 
 #[test]
 fn an_upstream_failure_ends_with_an_error_event_after_the_record() {
-    let mut m = machine(10);
-    m.event(start());
-    m.event(block_start(0, "text"));
-    assert_eq!(
-        m.event(text(0, "One. Two. Thr")),
-        Step::Judge("One. Two. Thr".into())
-    );
+    let mut m = holding("Hello");
+    m.event(block_stop(0));
     m.judged(verdict(None), no_refusal);
     sent(&mut m);
     m.fail("upstream_failed", "api_error", "the upstream stream failed");
@@ -455,10 +445,7 @@ fn an_upstream_failure_ends_with_an_error_event_after_the_record() {
     let out = sent(&mut m);
     assert_eq!(types(&out), ["error"]);
     assert_eq!(out[0]["error"]["type"], "api_error");
-    assert_eq!(
-        m.take_outcome().unwrap().context["ended"],
-        "upstream_failed"
-    );
+    assert_eq!(m.take_record().unwrap().context["ended"], "upstream_failed");
 }
 
 #[test]
@@ -470,7 +457,7 @@ fn the_client_gone_ends_the_stream_and_sends_nothing_more() {
     assert_eq!(m.state(), &State::Ended(End::ClientGone));
     assert!(sent(&mut m).is_empty());
     assert_eq!(
-        m.take_outcome().unwrap().context["ended"],
+        m.take_record().unwrap().context["ended"],
         "client_disconnected"
     );
     assert_eq!(m.resume(), Step::Read);
