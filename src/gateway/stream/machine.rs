@@ -504,7 +504,13 @@ impl Machine {
         let mut offset = 0;
         let mut pending: Option<(u64, String)> = None;
         for item in held {
-            if offset >= cut {
+            // Text from the cut on stays held, and so does everything after it; an event
+            // right after released text goes out with it.
+            let stays = match &item {
+                Held::Text { .. } => offset >= cut,
+                Held::Event(_) => offset > cut,
+            };
+            if stays || !self.held.is_empty() {
                 self.held.push(item);
                 continue;
             }

@@ -231,6 +231,45 @@ fn other_events_wait_behind_held_text_in_order() {
 }
 
 #[test]
+fn an_event_after_the_last_held_text_goes_out_with_it() {
+    let mut m = holding("Hello");
+    m.event(event(json!({"type": "ping"})));
+    assert_eq!(m.event(block_stop(0)), Step::Judge("Hello".into()));
+    assert_eq!(m.judged(verdict(None), no_refusal), Step::Resume);
+    assert_eq!(types(&sent(&mut m)), ["content_block_delta", "ping"]);
+    assert_eq!(m.resume(), Step::Read);
+    // Nothing stays held: a later thinking block passes at once.
+    m.event(block_start(1, "thinking"));
+    let thinking = json!({
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "thinking_delta", "thinking": "Hm"},
+    });
+    m.event(event(thinking));
+    assert_eq!(
+        types(&sent(&mut m)),
+        [
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta"
+        ]
+    );
+}
+
+#[test]
+fn an_event_after_unreleased_text_stays_behind_it() {
+    let mut m = in_text(10);
+    m.event(text(0, "One. Tw"));
+    m.event(event(json!({"type": "ping"})));
+    assert!(sent(&mut m).is_empty());
+    assert_eq!(
+        m.event(text(0, "o more")),
+        Step::Judge("One. Two more".into())
+    );
+    assert_eq!(passed_one_delta(&mut m), "One.");
+}
+
+#[test]
 fn a_block_stop_releases_the_held_text_first_then_closes_the_block() {
     let mut m = holding("Hello");
     assert_eq!(m.event(block_stop(0)), Step::Judge("Hello".into()));
