@@ -43,7 +43,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::audit::AuditSink;
+use crate::audit::{AuditRecord, AuditSink, Origin, Source};
 use crate::config::Config;
 use crate::constitution::{Constitution, ConstitutionRef};
 use crate::engine::{Engine, ErrorClass};
@@ -220,6 +220,25 @@ pub async fn exchange(
 }
 
 impl Exchange {
+    /// Hands the evaluation of one `part` of the exchange (`prompt`, `system`, `output`,
+    /// `revision1`, ...) to the audit sink, before the client sees its outcome; the
+    /// record's id is `<exchange id>.<part>`.
+    fn record(&self, part: &str, kind: Kind, checked: &Checked, text: &str, context: Value) {
+        let origin = Origin {
+            source: Source::Gateway,
+            client_key_id: self.key_id.clone(),
+            constitution: checked.index.constitution(),
+            model: &checked.model,
+            kind,
+            latency_ms: checked.latency_ms,
+            context: Some(context),
+        };
+        let id = format!("{}.{part}", self.id);
+        self.gw
+            .audit()
+            .record(AuditRecord::from_result(id, &origin, text, &checked.result));
+    }
+
     /// The constitution the exchange is judged by.
     fn constitution(&self) -> Result<Arc<Constitution>, GatewayError> {
         let index = self
@@ -408,10 +427,8 @@ async fn screen(
         let text = review::tail(full, max_chars);
         let checked = review::check(&ex.gw, &ex.engine, text, &ex.constitution).await?;
         let this = review::decide(&checked.result).for_prompt();
-        review::record(
-            &ex.gw,
-            format!("{}.{part}", ex.id),
-            ex.key_id.clone(),
+        ex.record(
+            part,
             Kind::Prompt,
             &checked,
             text,
@@ -526,10 +543,8 @@ async fn review_output(
         meta.failed = Some("output");
     }
     let record = |meta: &Charter, checked: &Checked| {
-        review::record(
-            &ex.gw,
-            format!("{}.output", ex.id),
-            ex.key_id.clone(),
+        ex.record(
+            "output",
             Kind::Response,
             checked,
             &text,

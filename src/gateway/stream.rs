@@ -236,14 +236,7 @@ impl Guard {
             chunks: outcome.windows,
             latency_ms: outcome.latency_ms,
         };
-        review::record(
-            &self.ex.gw,
-            format!("{}.output", self.ex.id),
-            self.ex.key_id.clone(),
-            Kind::Response,
-            &checked,
-            &outcome.text,
-            context,
-        );
+        self.ex
+            .record("output", Kind::Response, &checked, &outcome.text, context);
     }
 }
