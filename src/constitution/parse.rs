@@ -1,17 +1,23 @@
 //! TOML -> [`Constitution`], collecting every error with its file, line and field.
+//!
+//! This file reads the TOML and validates the constitution and its rules;
+//! `detectors` checks a rule's detectors and patterns; `files` reads the files beside
+//! the TOML (example files, calibrations), hashing each into the version.
+
+mod detectors;
+mod files;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
 use sha2::{Digest, Sha256};
 
-use super::{
-    Action, Calibration, Constitution, ConstitutionError, ConstitutionErrors, Example, PatternSpec,
-    Rule, Severity, CALIBRATION_SUFFIX,
-};
-use crate::detect::{Builtin, Detectors, Pattern};
+use super::{Action, Constitution, ConstitutionError, ConstitutionErrors, Example, Rule, Severity};
+use detectors::{parse_detectors, RawPattern};
+pub use files::{calibration_path, model_calibration_path};
+use files::{read_calibrations, read_examples};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,14 +75,6 @@ struct RawRule {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPattern {
-    name: String,
-    regex: String,
-    kind: String,
-}
-
-#[derive(Deserialize)]
 #[serde(untagged)]
 enum RawPrinciple {
     One(String),
@@ -100,21 +98,6 @@ impl From<RawExample> for Example {
             RawExample::WithSource { text, source } => Example { text, source },
         }
     }
-}
-
-/// One line of an examples file.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExampleLine {
-    text: String,
-    #[serde(default)]
-    label: Option<String>,
-    #[serde(default)]
-    source: Option<String>,
-    /// Language tag, for readers of the file; scoring does not need it.
-    #[serde(default)]
-    #[allow(dead_code)]
-    lang: Option<String>,
 }
 
 /// Collects errors for one file; converts byte offsets to line numbers.
@@ -170,45 +153,6 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-}
-
-/// The calibration file that belongs to a constitution file: `<stem>.calibration.json`,
-/// for whichever model it names.
-pub fn calibration_path(path: &Path) -> PathBuf {
-    path.with_file_name(format!("{}{CALIBRATION_SUFFIX}", file_stem(path)))
-}
-
-/// The calibration file for one more model: `<stem>.calibration.<model>.json`.
-pub fn model_calibration_path(path: &Path, model: &str) -> PathBuf {
-    path.with_file_name(format!("{}.calibration.{model}.json", file_stem(path)))
-}
-
-fn file_stem(path: &Path) -> &str {
-    path.file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("constitution")
-}
-
-/// Every calibration file of a constitution, in a fixed order: the main one, then one
-/// per further model (the model its name says), sorted.
-fn calibration_files(path: &Path) -> Vec<(PathBuf, Option<String>)> {
-    let mut files = vec![(calibration_path(path), None)];
-    let prefix = format!("{}.calibration.", file_stem(path));
-    let mut extra: Vec<(PathBuf, Option<String>)> = path
-        .parent()
-        .and_then(|dir| std::fs::read_dir(dir).ok())
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let model = name.strip_prefix(&prefix)?.strip_suffix(".json")?;
-            (!model.is_empty()).then(|| (e.path(), Some(model.to_string())))
-        })
-        .collect();
-    extra.sort();
-    files.extend(extra);
-    files
 }
 
 /// Reads, validates and versions one constitution file.
@@ -445,167 +389,6 @@ fn parse_rule(
     }
 }
 
-/// A rule's `detectors` and `patterns`, checked: known names, no repeats, custom
-/// expressions that compile, do not match the empty string, and have a name and a kind.
-fn parse_detectors(
-    errors: &mut Errors<'_>,
-    field: &dyn Fn(&str) -> String,
-    names: &[Spanned<String>],
-    raw_patterns: &[Spanned<RawPattern>],
-) -> (Detectors, Vec<String>, Vec<PatternSpec>) {
-    let mut detect = Detectors::default();
-    let mut detectors = Vec::new();
-    for (j, name) in names.iter().enumerate() {
-        match Builtin::from_name(name.get_ref()) {
-            Some(b) if detect.builtins.contains(&b) => errors.at(
-                Some(name.span()),
-                &field(&format!("detectors[{j}]")),
-                format!("{:?} is listed twice", name.get_ref()),
-            ),
-            Some(b) => {
-                detect.builtins.push(b);
-                detectors.push(b.name().to_string());
-            }
-            None => {
-                let known: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
-                errors.at(
-                    Some(name.span()),
-                    &field(&format!("detectors[{j}]")),
-                    format!(
-                        "unknown detector {:?}; the built-in ones are {}",
-                        name.get_ref(),
-                        known.join(", ")
-                    ),
-                );
-            }
-        }
-    }
-    let mut patterns = Vec::new();
-    for (j, raw) in raw_patterns.iter().enumerate() {
-        let span = Some(raw.span());
-        let p = raw.get_ref();
-        let at = |name: &str| field(&format!("patterns[{j}].{name}"));
-        if !valid_id(&p.name) || detect.patterns.iter().any(|q| q.name == p.name) {
-            errors.at(
-                span.clone(),
-                &at("name"),
-                "must be a unique name of 1-64 letters, digits, '-', '_' or '.'",
-            );
-        }
-        let kind_ok = !p.kind.is_empty()
-            && p.kind.len() <= 32
-            && p.kind
-                .bytes()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_');
-        if !kind_ok {
-            errors.at(
-                span.clone(),
-                &at("kind"),
-                "must be 1-32 upper-case letters, digits or '_' (it is shown as [KIND])",
-            );
-        }
-        let regex = match regex::RegexBuilder::new(&p.regex)
-            .size_limit(1 << 20)
-            .build()
-        {
-            Ok(re) if re.is_match("") => {
-                errors.at(span, &at("regex"), "matches the empty string");
-                continue;
-            }
-            Ok(re) => re,
-            Err(e) => {
-                // The regex crate's message spans several lines with a caret under the
-                // fault; one line keeps `file:line: field: message` readable.
-                let message = e
-                    .to_string()
-                    .lines()
-                    .map(str::trim)
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                errors.at(
-                    span,
-                    &at("regex"),
-                    format!("invalid regular expression: {message}"),
-                );
-                continue;
-            }
-        };
-        patterns.push(PatternSpec {
-            name: p.name.clone(),
-            regex: p.regex.clone(),
-            kind: p.kind.clone(),
-        });
-        detect.patterns.push(Pattern {
-            name: p.name.clone(),
-            kind: p.kind.clone(),
-            regex,
-        });
-    }
-    (detect, detectors, patterns)
-}
-
-/// The constitution's calibration files (the main one, then one per further model):
-/// each read is hashed into the version and checked against the rules.
-fn read_calibrations(
-    errors: &mut Errors<'_>,
-    hasher: &mut Sha256,
-    path: &Path,
-    rules: &[Rule],
-) -> Vec<Calibration> {
-    let mut calibrations: Vec<Calibration> = Vec::new();
-    for (calibration_file, named_model) in calibration_files(path) {
-        let cal_bytes = match std::fs::read(&calibration_file) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                errors.in_file(&calibration_file, None, "", format!("cannot read: {e}"));
-                continue;
-            }
-        };
-        hasher.update(b"\0calibration\0");
-        hasher.update(&cal_bytes);
-        let cal = match serde_json::from_slice::<Calibration>(&cal_bytes) {
-            Ok(cal) => cal,
-            Err(e) => {
-                errors.in_file(&calibration_file, Some(e.line()), "", e.to_string());
-                continue;
-            }
-        };
-        for rule_id in cal.rules.keys() {
-            if !rules.iter().any(|r| &r.id == rule_id) {
-                errors.in_file(
-                    &calibration_file,
-                    None,
-                    &format!("rules.{rule_id}"),
-                    "calibration names a rule the constitution does not have",
-                );
-            }
-        }
-        if named_model.as_ref().is_some_and(|m| *m != cal.model) {
-            errors.in_file(
-                &calibration_file,
-                None,
-                "model",
-                format!(
-                    "the file name is for model {:?} but the calibration is for {:?}",
-                    named_model.unwrap_or_default(),
-                    cal.model
-                ),
-            );
-        } else if calibrations.iter().any(|c| c.model == cal.model) {
-            errors.in_file(
-                &calibration_file,
-                None,
-                "model",
-                format!("a second calibration for model {:?}", cal.model),
-            );
-        } else {
-            calibrations.push(cal);
-        }
-    }
-    calibrations
-}
-
 fn check_threshold(errors: &mut Errors<'_>, t: &Spanned<f32>, field: &str) -> f32 {
     let value = *t.get_ref();
     if !value.is_finite() || !(-2.0..=2.0).contains(&value) {
@@ -618,81 +401,10 @@ fn check_threshold(errors: &mut Errors<'_>, t: &Spanned<f32>, field: &str) -> f3
     value
 }
 
-/// Reads a JSONL examples file referenced from the constitution (path relative to it),
-/// hashing its bytes into the version. Returns (example, label) pairs.
-fn read_examples(
-    errors: &mut Errors<'_>,
-    hasher: &mut Sha256,
-    base: &Path,
-    file: &Spanned<String>,
-    field: &str,
-) -> Vec<(Example, Option<String>)> {
-    let rel = Path::new(file.get_ref());
-    if rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        errors.at(
-            Some(file.span()),
-            field,
-            "must be a relative path inside the constitution folder",
-        );
-        return Vec::new();
-    }
-    let path = base.join(rel);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => {
-            errors.at(
-                Some(file.span()),
-                field,
-                format!("cannot read {}: {e}", path.display()),
-            );
-            return Vec::new();
-        }
-    };
-    hasher.update(b"\0file\0");
-    hasher.update(file.get_ref().as_bytes());
-    hasher.update(b"\0");
-    hasher.update(text.as_bytes());
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<ExampleLine>(line) {
-            Ok(ExampleLine {
-                text,
-                label,
-                source,
-                lang: _,
-            }) => {
-                if text.trim().is_empty() {
-                    errors.in_file(&path, Some(n + 1), "text", "empty exemplar text");
-                    continue;
-                }
-                if let Some(l) = &label {
-                    if !matches!(l.as_str(), "violating" | "violation" | "compliant" | "ok") {
-                        errors.in_file(
-                            &path,
-                            Some(n + 1),
-                            "label",
-                            format!("{l:?} is not one of violating, compliant"),
-                        );
-                        continue;
-                    }
-                }
-                out.push((Example { text, source }, label));
-            }
-            Err(e) => errors.in_file(&path, Some(n + 1), "", e.to_string()),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn write(dir: &Path, name: &str, body: &str) -> PathBuf {

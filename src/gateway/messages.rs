@@ -188,6 +188,24 @@ pub struct Redacted {
 }
 
 impl Charter {
+    /// The metadata of an exchange before anything is checked: a pass, no action.
+    pub fn new(id: String, constitution: ConstitutionRef) -> Self {
+        Charter {
+            id,
+            verdict: Verdict::Pass,
+            action: ActionTaken::None,
+            violated: Vec::new(),
+            constitution,
+            checked: Vec::new(),
+            failed: None,
+            revise_rounds: 0,
+            extra_usage: Usage::default(),
+            released_chars: None,
+            note: None,
+            redacted: Vec::new(),
+        }
+    }
+
     /// Notes `count` masked spans of `kind` in `part`, and the action: a redaction is
     /// stronger than a flag, weaker than a block or a revision.
     pub fn note_redacted(&mut self, part: &'static str, kind: &str, count: usize) {

@@ -43,15 +43,15 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::audit::AuditSink;
+use crate::audit::{AuditRecord, AuditSink, Origin, Source};
 use crate::config::Config;
 use crate::constitution::{Constitution, ConstitutionRef};
 use crate::engine::{Engine, ErrorClass};
-use crate::evaluate::{Kind, Verdict};
+use crate::evaluate::{Kind, TextResult, Verdict};
 use crate::ids::{client_key_id, new_id, REQUEST_ID};
 
 use error::GatewayError;
-use messages::{ActionTaken, Charter, RequestView, Usage};
+use messages::{ActionTaken, Charter, RequestView};
 use review::{Checked, Decision};
 use upstream::{Upstream, CONSTITUTION_HEADER};
 
@@ -171,20 +171,7 @@ pub async fn exchange(
             .to_string(),
         gw: Arc::clone(&gw),
     };
-    let mut meta = Charter {
-        id: ex.id.clone(),
-        verdict: Verdict::Pass,
-        action: ActionTaken::None,
-        violated: Vec::new(),
-        constitution,
-        checked: Vec::new(),
-        failed: None,
-        revise_rounds: 0,
-        extra_usage: Usage::default(),
-        released_chars: None,
-        note: None,
-        redacted: Vec::new(),
-    };
+    let mut meta = Charter::new(ex.id.clone(), constitution);
 
     if config.screen_prompts {
         if let Some(response) = screen(&ex, &view, &mut meta).await? {
@@ -233,6 +220,25 @@ pub async fn exchange(
 }
 
 impl Exchange {
+    /// Hands the evaluation of one `part` of the exchange (`prompt`, `system`, `output`,
+    /// `revision1`, ...) to the audit sink, before the client sees its outcome; the
+    /// record's id is `<exchange id>.<part>`.
+    fn record(&self, part: &str, kind: Kind, checked: &Checked, text: &str, context: Value) {
+        let origin = Origin {
+            source: Source::Gateway,
+            client_key_id: self.key_id.clone(),
+            constitution: checked.index.constitution(),
+            model: &checked.model,
+            kind,
+            latency_ms: checked.latency_ms,
+            context: Some(context),
+        };
+        let id = format!("{}.{part}", self.id);
+        self.gw
+            .audit()
+            .record(AuditRecord::from_result(id, &origin, text, &checked.result));
+    }
+
     /// The constitution the exchange is judged by.
     fn constitution(&self) -> Result<Arc<Constitution>, GatewayError> {
         let index = self
@@ -421,10 +427,8 @@ async fn screen(
         let text = review::tail(full, max_chars);
         let checked = review::check(&ex.gw, &ex.engine, text, &ex.constitution).await?;
         let this = review::decide(&checked.result).for_prompt();
-        review::record(
-            &ex.gw,
-            format!("{}.{part}", ex.id),
-            ex.key_id.clone(),
+        ex.record(
+            part,
             Kind::Prompt,
             &checked,
             text,
@@ -439,7 +443,7 @@ async fn screen(
             }),
         );
         meta.checked.push(part);
-        note_violations(meta, &checked);
+        note_violations(meta, &checked.result);
         if this != Decision::Pass && meta.failed.is_none() {
             meta.failed = Some(part);
         }
@@ -498,8 +502,8 @@ fn language_of(text: &str) -> &'static str {
 }
 
 /// Adds a check's violated rules to the metadata (and turns the verdict to fail).
-fn note_violations(meta: &mut Charter, checked: &Checked) {
-    for rule in checked.result.violated() {
+fn note_violations(meta: &mut Charter, result: &TextResult) {
+    for rule in result.violated() {
         meta.verdict = Verdict::Fail;
         if !meta.violated.contains(&rule.id) {
             meta.violated.push(rule.id.clone());
@@ -534,15 +538,13 @@ async fn review_output(
     let checked = review::check_output(&ex.gw, &ex.engine, &text, &ex.constitution).await?;
     let decision = review::decide(&checked.result);
     meta.checked.push("output");
-    note_violations(meta, &checked);
+    note_violations(meta, &checked.result);
     if decision != Decision::Pass && meta.failed.is_none() {
         meta.failed = Some("output");
     }
     let record = |meta: &Charter, checked: &Checked| {
-        review::record(
-            &ex.gw,
-            format!("{}.output", ex.id),
-            ex.key_id.clone(),
+        ex.record(
+            "output",
             Kind::Response,
             checked,
             &text,

@@ -2,17 +2,16 @@
 //!
 //! Owns: cutting long texts into chunks the engine queue accepts, merging the chunks' (or
 //! a stream's windows') results into one, the decision a result calls for (pass, flag,
-//! block, revise: the strictest action among the violated rules), and the audit record of
-//! every evaluation. Evaluation always goes through the engine's queue; nothing here runs
-//! the model or blocks the async runtime.
+//! block, revise: the strictest action among the violated rules). The audit record of
+//! every evaluation is `Exchange::record`'s. Evaluation always goes through the engine's
+//! queue; nothing here runs the model or blocks the async runtime.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{AuditRecord, Origin, Source};
 use crate::constitution::Action;
 use crate::engine::Engine;
-use crate::evaluate::{Index, Kind, TextResult, Verdict};
+use crate::evaluate::{Index, TextResult, Verdict};
 
 use super::error::GatewayError;
 use super::Gateway;
@@ -229,29 +228,6 @@ async fn check_parts(
         chunks: n,
         latency_ms: started.elapsed().as_secs_f64() * 1e3,
     })
-}
-
-/// Hands one gateway evaluation to the audit sink (before the client sees its outcome).
-pub fn record(
-    gw: &Gateway,
-    id: String,
-    client_key_id: Option<String>,
-    kind: Kind,
-    checked: &Checked,
-    text: &str,
-    context: serde_json::Value,
-) {
-    let origin = Origin {
-        source: Source::Gateway,
-        client_key_id,
-        constitution: checked.index.constitution(),
-        model: &checked.model,
-        kind,
-        latency_ms: checked.latency_ms,
-        context: Some(context),
-    };
-    gw.audit()
-        .record(AuditRecord::from_result(id, &origin, text, &checked.result));
 }
 
 #[cfg(test)]

@@ -71,10 +71,8 @@ pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outco
         }
         let checked = review::check_output(&ex.gw, &ex.engine, &revision, &ex.constitution).await?;
         let decision = review::decide(&checked.result);
-        review::record(
-            &ex.gw,
-            format!("{}.revision{round}", ex.id),
-            ex.key_id.clone(),
+        ex.record(
+            &format!("revision{round}"),
             Kind::Response,
             &checked,
             &revision,

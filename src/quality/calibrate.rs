@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::{
     cv_rule_scores, embed_items, fit_shared_threshold, heads, items_sha, largest, mean_margins,
-    report, risk, Data, Embedded, FitParams, Item, QualityError, FOLDS,
+    report, risk, Data, EmbeddedItems, FitParams, Item, QualityError, FOLDS,
 };
 use crate::constitution::{self, Calibration, EnsembleCalibration, RuleCalibration};
 use crate::engine::Engine;
@@ -129,7 +129,7 @@ struct MemberFit {
 fn fit_member(
     index: &Index,
     data: &Data,
-    embedded: &Embedded,
+    embedded: &EmbeddedItems,
     options: &CalibrateOptions,
     top_k: usize,
 ) -> Result<MemberFit, QualityError> {

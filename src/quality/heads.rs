@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 
-use super::{fit_shared_threshold, fold_exclusions, fold_of, largest, row_groups, Embedded, Item};
+use super::{
+    fit_shared_threshold, fold_exclusions, fold_of, largest, row_groups, EmbeddedItems, Item,
+};
 use crate::constitution::LinearHead;
 use crate::evaluate::head::{self, logit, TrainingSet, HEAD_K};
 use crate::evaluate::metrics::Target;
@@ -38,7 +40,7 @@ impl Scored {
 pub struct HeadCv<'a> {
     index: &'a Index,
     items: &'a [Item],
-    embedded: &'a Embedded,
+    embedded: &'a EmbeddedItems,
     own_rows: Vec<Vec<usize>>,
     fold_rows: Vec<Vec<bool>>,
     pub fold: Vec<usize>,
@@ -68,7 +70,7 @@ impl<'a> HeadCv<'a> {
     pub fn new(
         index: &'a Index,
         items: &'a [Item],
-        embedded: &'a Embedded,
+        embedded: &'a EmbeddedItems,
         folds: usize,
         params: FitParams,
     ) -> Self {

@@ -83,7 +83,7 @@ pub fn row_groups(constitution: &Constitution) -> Vec<Vec<String>> {
 
 /// The items embedded, and every piece's similarity to every exemplar row (computed once;
 /// each fold then leaves rows out).
-pub struct Embedded {
+pub struct EmbeddedItems {
     pub texts: Vec<TextEmbedding>,
     /// Per item and piece: plain and centred similarities to every exemplar row, computed
     /// once here for the kNN scores, the heads' features and every refit.
@@ -102,7 +102,7 @@ pub async fn embed_items(
     index: &Index,
     items: &[Item],
     partner: bool,
-) -> Result<Embedded, QualityError> {
+) -> Result<EmbeddedItems, QualityError> {
     use futures_util::StreamExt;
     let started = Instant::now();
     let chunks: Vec<Arc<Vec<String>>> = items
@@ -133,7 +133,7 @@ pub async fn embed_items(
                 .collect()
         })
         .collect();
-    Ok(Embedded {
+    Ok(EmbeddedItems {
         texts,
         sims,
         embed_secs,
@@ -165,7 +165,7 @@ pub fn fold_exclusions(items: &[Item], row_groups: &[Vec<String>], folds: usize)
 pub fn cv_rule_scores(
     index: &Index,
     items: &[Item],
-    embedded: &Embedded,
+    embedded: &EmbeddedItems,
     top_k: usize,
     folds: usize,
 ) -> Vec<Vec<f32>> {
@@ -296,7 +296,7 @@ fn fitted_here(calibration: &Calibration, index: &Index, items: &[Item]) -> bool
 pub fn member_cv(
     index: &Index,
     items: &[Item],
-    embedded: &Embedded,
+    embedded: &EmbeddedItems,
     scores: &[Vec<f32>],
     folds: usize,
 ) -> Result<MemberCv, QualityError> {
