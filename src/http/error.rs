@@ -40,6 +40,12 @@ pub enum AppError {
     Overloaded {
         retry_after_secs: u64,
     },
+    /// One request needs more of the model queue than `batching.max_request_share` lets
+    /// it hold.
+    OverShare {
+        units: usize,
+        max_units: usize,
+    },
     NotReady,
     /// A dependency (the audit database) is down: logged, answered 503.
     Unavailable(String),
@@ -79,6 +85,7 @@ impl AppError {
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound { .. } => StatusCode::NOT_FOUND,
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::OverShare { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -95,6 +102,7 @@ impl AppError {
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::NotFound { .. } => "not_found",
             AppError::Overloaded { .. } => "overloaded",
+            AppError::OverShare { .. } => "over_request_share",
             AppError::NotReady => "not_ready",
             AppError::Unavailable(_) => "unavailable",
             AppError::Timeout => "timeout",
@@ -121,6 +129,7 @@ impl From<ErrorClass> for AppError {
             ErrorClass::Overloaded { retry_after_secs } => {
                 AppError::Overloaded { retry_after_secs }
             }
+            ErrorClass::OverShare { units, max_units } => AppError::OverShare { units, max_units },
             ErrorClass::Stopped => AppError::NotReady,
             ErrorClass::Internal(detail) => AppError::Internal(detail),
         }
@@ -157,6 +166,15 @@ impl IntoResponse for AppError {
             AppError::Overloaded { .. } => (
                 "the model queue is full; retry after the Retry-After delay".into(),
                 None,
+            ),
+            AppError::OverShare { units, max_units } => (
+                format!(
+                    "this request needs {units} model queue units (one per text plus one per \
+                     KiB of text); one request may hold at most {max_units} \
+                     (batching.max_request_share of batching.queue_capacity): send fewer or \
+                     shorter texts"
+                ),
+                Some("texts".into()),
             ),
             AppError::NotReady => (
                 "the service is starting or stopping; retry shortly".into(),
@@ -203,6 +221,7 @@ impl IntoResponse for AppError {
             | AppError::BodyTooLarge
             | AppError::UnsupportedMediaType
             | AppError::NotFound { .. }
+            | AppError::OverShare { .. }
             | AppError::Timeout
             | AppError::Internal(_) => {}
         }
