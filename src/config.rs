@@ -50,6 +50,12 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long shutdown waits for in-flight requests before giving up.
     pub shutdown_timeout_secs: u64,
+    /// Longest wait for a complete request head, from the connection opening or, on a
+    /// kept-alive connection, from the previous response (so also the idle keep-alive
+    /// timeout); the connection is closed after it.
+    pub header_read_timeout_secs: u64,
+    /// Most connections open at once; beyond it new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// Browser origins allowed to call the API (CORS), comma-separated, or `*`; empty:
     /// no CORS headers, so browsers keep other sites' pages out.
     #[serde(default)]
@@ -400,6 +406,12 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        if self.server.header_read_timeout_secs == 0 {
+            return invalid("server.header_read_timeout_secs", "must be at least 1");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
         if let Err(e) = self.server.cors() {
             return invalid("server.cors_origins", &e);
         }

@@ -51,7 +51,7 @@ pub mod quality;
 pub mod state;
 pub mod store;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,12 +122,15 @@ async fn serve(
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server =
-        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
-            let mut stop_rx = stop_rx;
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        });
-    let mut server = tokio::spawn(server.into_future());
+    let limits = http::conn::ConnLimits {
+        header_read_timeout: Duration::from_secs(state.config().server.header_read_timeout_secs),
+        max_connections: state.config().server.max_connections,
+    };
+    let server = http::conn::serve(listener, http::router(state.clone()), limits, async move {
+        let mut stop_rx = stop_rx;
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let mut server = tokio::spawn(server);
 
     let mut load_error = None;
     tokio::select! {
@@ -137,14 +140,14 @@ async fn serve(
             load_error = Some(err);
         }
         result = &mut server => {
-            return result.map_err(|e| std::io::Error::other(e.to_string()))?.map_err(RunError::Io);
+            return result.map_err(|e| std::io::Error::other(e.to_string()).into());
         }
     }
     let _ = stop_tx.send(true);
     loader.abort();
     let grace = Duration::from_secs(state.config().server.shutdown_timeout_secs);
     match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => result.map_err(|e| std::io::Error::other(e.to_string()))??,
+        Ok(result) => result.map_err(|e| std::io::Error::other(e.to_string()))?,
         Err(_) => {
             tracing::warn!(
                 timeout_secs = grace.as_secs(),

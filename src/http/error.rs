@@ -32,6 +32,12 @@ pub enum AppError {
     },
     /// The whole body is larger than the configured limit.
     BodyTooLarge,
+    /// hyper could not parse the request (its request line or headers).
+    MalformedRequest,
+    /// The request line's URI is longer than hyper reads (64 KiB).
+    UriTooLong,
+    /// The request head is larger than hyper reads.
+    HeadersTooLarge,
     UnsupportedMediaType,
     NotFound {
         field: Option<String>,
@@ -82,6 +88,9 @@ impl AppError {
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::MalformedRequest => StatusCode::BAD_REQUEST,
+            AppError::UriTooLong => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound { .. } => StatusCode::NOT_FOUND,
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -99,6 +108,9 @@ impl AppError {
             AppError::Invalid { .. } => "invalid_field",
             AppError::TooLarge { .. } => "too_large",
             AppError::BodyTooLarge => "body_too_large",
+            AppError::MalformedRequest => "malformed_request",
+            AppError::UriTooLong => "uri_too_long",
+            AppError::HeadersTooLarge => "headers_too_large",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::NotFound { .. } => "not_found",
             AppError::Overloaded { .. } => "overloaded",
@@ -149,16 +161,25 @@ impl From<StoreError> for AppError {
     }
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let (message, field): (String, Option<String>) = match &self {
+impl AppError {
+    /// The message the client sees and the field it concerns. 5xx messages stay generic.
+    fn message(&self) -> (String, Option<String>) {
+        match self {
             AppError::MalformedJson(m) => (format!("request body is not valid JSON: {m}"), None),
             AppError::Invalid { field, message } | AppError::TooLarge { field, message } => {
                 (message.clone(), Some(field.clone()))
             }
             AppError::BodyTooLarge => (
                 "request body is larger than the configured limit".into(),
+                None,
+            ),
+            AppError::MalformedRequest => ("the request is not valid HTTP/1.1".into(), None),
+            AppError::UriTooLong => (
+                "the URL is longer than the server reads (64 KiB)".into(),
+                None,
+            ),
+            AppError::HeadersTooLarge => (
+                "the request's headers are larger than the server reads".into(),
                 None,
             ),
             AppError::UnsupportedMediaType => ("send the body as application/json".into(), None),
@@ -180,30 +201,49 @@ impl IntoResponse for AppError {
                 "the service is starting or stopping; retry shortly".into(),
                 None,
             ),
-            AppError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "dependency unavailable");
-                (
-                    "the audit database is unavailable; retry shortly".into(),
-                    None,
-                )
-            }
+            AppError::Unavailable(_) => (
+                "the audit database is unavailable; retry shortly".into(),
+                None,
+            ),
             AppError::Timeout => (
                 "the request took longer than the configured timeout".into(),
                 None,
             ),
-            AppError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                ("internal error".into(), None)
-            }
-        };
-        let body = Body {
+            AppError::Internal(_) => ("internal error".into(), None),
+        }
+    }
+
+    /// The JSON error body, for answers written outside axum (the connection layer).
+    pub fn json_body(&self) -> Vec<u8> {
+        let (message, field) = self.message();
+        serde_json::to_vec(&Body {
             error: ErrorBody {
                 kind: self.kind(),
                 message: &message,
                 field: field.as_deref(),
             },
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let AppError::Unavailable(detail) = &self {
+            tracing::warn!(error = %detail, "dependency unavailable");
+        }
+        if let AppError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let body = (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.json_body(),
+        );
+        let mut response = (status, body).into_response();
         match self {
             AppError::Overloaded { retry_after_secs } => {
                 response
@@ -219,6 +259,9 @@ impl IntoResponse for AppError {
             | AppError::Invalid { .. }
             | AppError::TooLarge { .. }
             | AppError::BodyTooLarge
+            | AppError::MalformedRequest
+            | AppError::UriTooLong
+            | AppError::HeadersTooLarge
             | AppError::UnsupportedMediaType
             | AppError::NotFound { .. }
             | AppError::OverShare { .. }
