@@ -10,7 +10,8 @@
 //! - [`detect`]: pure; detectors of personal data and secrets (patterns confirmed by
 //!   checksums), custom patterns, masking, the streaming hold-back.
 //! - [`embed`]: the model (fastembed on ONNX Runtime), its worker threads, the bounded
-//!   batching queue in front of them, long-text windows.
+//!   batching queue in front of them (fair across requests, cancellable), long-text
+//!   windows.
 //! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
@@ -20,8 +21,8 @@
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
 //! - [`store`]: the audit store: spool file, batched writer, SQLite/PostgreSQL, queries.
 //! - [`state`]: `AppState`, what every handler shares.
-//! - [`http`]: every route and handler (the gateway's too), extractors, the error
-//!   mapping, tower-http layers.
+//! - [`http`]: connections (accept loop, cap, timeouts), every route and handler (the
+//!   gateway's too), extractors, the error mapping, tower-http layers.
 //! - [`quality`]: labelled data, grouped cross-validation, the `bench` report (JSON +
 //!   PNG) and `calibrate`.
 //! - `main.rs` and `cli/` (the binary): the CLI, one file per command (`serve`,
