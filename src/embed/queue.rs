@@ -918,23 +918,38 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_cancelled_job_stops_between_buckets_and_frees_its_room() {
-        // 40 rows of 8 tokens: 6 per model call (64 tokens), 20 ms a call.
+    type Calls = Arc<Mutex<Vec<Vec<String>>>>;
+    type Running = tokio::task::JoinHandle<Result<Embedded, EmbedError>>;
+
+    /// A queue of `capacity` units, `max_units` per request, whose model takes `delay` ms
+    /// a call.
+    fn sized(capacity: usize, max_units: usize, delay: u64) -> (Embedder, Calls) {
         let cfg = QueueConfig {
-            capacity: 64,
-            max_request_units: 64,
+            capacity,
+            max_request_units: max_units,
             ..config()
         };
-        let (embedder, calls) = start(Duration::from_millis(20), cfg);
-        let big = {
+        start(Duration::from_millis(delay), cfg)
+    }
+
+    /// A queue of `capacity` units whose model takes `delay` ms a call, already inside a job
+    /// of `rows` texts of 8 tokens (6 per model call of 64 tokens).
+    async fn inside_a_job(capacity: usize, delay: u64, rows: usize) -> (Embedder, Calls, Running) {
+        let (embedder, calls) = sized(capacity, capacity, delay);
+        let job = {
             let e = embedder.clone();
-            tokio::spawn(async move { e.embed(many(40, 8, "big"), None).await })
+            tokio::spawn(async move { e.embed(many(rows, 8, "big"), None).await })
         };
-        // Wait until the worker is inside the job, then drop the caller.
         while calls.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        (embedder, calls, job)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_stops_between_buckets_and_frees_its_room() {
+        let (embedder, calls, big) = inside_a_job(64, 20, 40).await;
+        // The caller goes away while the worker is inside its job.
         big.abort();
         let status = loop {
             let status = embedder.status();
@@ -957,20 +972,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_request_does_not_wait_for_a_huge_one() {
-        let cfg = QueueConfig {
-            capacity: 256,
-            max_request_units: 256,
-            ..config()
-        };
-        let (embedder, calls) = start(Duration::from_millis(10), cfg);
         // 120 rows: 20 model calls of 6.
-        let huge = {
-            let e = embedder.clone();
-            tokio::spawn(async move { e.embed(many(120, 8, "huge"), None).await })
-        };
-        while calls.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let (embedder, calls, huge) = inside_a_job(256, 10, 120).await;
         let short = embedder.embed(texts(&["quick one"]), None).await.unwrap();
         assert!(!huge.is_finished(), "the huge job finished first");
         // It joined at the next round: one bucket of the huge job, not all of them.
@@ -983,19 +986,14 @@ mod tests {
         let out = huge.await.unwrap().unwrap();
         assert_eq!(out.texts.len(), 120);
         for (i, t) in out.texts.iter().enumerate() {
-            let text = &many(120, 8, "huge")[i];
+            let text = &many(120, 8, "big")[i];
             assert_eq!(t.pieces[0].vector, fake_vector(text));
         }
     }
 
     #[tokio::test]
     async fn a_request_over_its_share_is_refused_naming_the_limit() {
-        let cfg = QueueConfig {
-            capacity: 16,
-            max_request_units: 8,
-            ..config()
-        };
-        let (embedder, calls) = start(Duration::ZERO, cfg);
+        let (embedder, calls) = sized(16, 8, 0);
         let err = embedder.embed(many(9, 1, "t"), None).await.unwrap_err();
         assert_eq!(
             err,
@@ -1012,12 +1010,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_for_room_marks_the_queue_saturated() {
-        let cfg = QueueConfig {
-            capacity: 4,
-            max_request_units: 4,
-            ..config()
-        };
-        let (embedder, _) = start(Duration::from_millis(300), cfg);
+        let (embedder, _) = sized(4, 4, 300);
         assert!(!embedder.status().saturated);
         let first = {
             let e = embedder.clone();
@@ -1035,12 +1028,7 @@ mod tests {
 
     #[tokio::test]
     async fn slices_keep_each_request_within_its_share() {
-        let cfg = QueueConfig {
-            capacity: 16,
-            max_request_units: 5,
-            ..config()
-        };
-        let (embedder, _) = start(Duration::ZERO, cfg);
+        let (embedder, _) = sized(16, 5, 0);
         let list: Vec<String> = (0..12)
             .map(|i| {
                 if i == 3 {

@@ -129,7 +129,7 @@ async fn a_huge_batch_neither_starves_others_nor_outlives_its_deadline() {
     for c in clients {
         c.await.unwrap();
     }
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     let statuses: Vec<u16> = seen.iter().map(|(_, s)| *s).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // Served while the huge batch was in the queue, not after it.
