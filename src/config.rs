@@ -50,6 +50,12 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long shutdown waits for in-flight requests before giving up.
     pub shutdown_timeout_secs: u64,
+    /// Longest wait for a complete request head, from the connection opening or, on a
+    /// kept-alive connection, from the previous response (so also the idle keep-alive
+    /// timeout); the connection is closed after it.
+    pub header_read_timeout_secs: u64,
+    /// Most connections open at once; beyond it new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// Browser origins allowed to call the API (CORS), comma-separated, or `*`; empty:
     /// no CORS headers, so browsers keep other sites' pages out.
     #[serde(default)]
@@ -125,10 +131,21 @@ pub struct BatchingConfig {
     pub max_batch_size: usize,
     /// Longest/shortest token-length ratio allowed inside one model call.
     pub bucket_ratio: f32,
-    /// Most text pieces waiting for the model; beyond it requests get 429.
+    /// Room of the queue in work units (one per text plus one per KiB of text); a
+    /// request that finds too little room left gets 429.
     pub queue_capacity: usize,
+    /// The largest share of `queue_capacity` one request may hold (0 < share <= 1); a
+    /// bigger request gets 429 naming this key.
+    pub max_request_share: f64,
     /// Seconds sent in `Retry-After` with a 429.
     pub retry_after_secs: u64,
+}
+
+impl BatchingConfig {
+    /// Work units one request may hold: `max_request_share` of `queue_capacity`.
+    pub fn max_request_units(&self) -> usize {
+        ((self.queue_capacity as f64 * self.max_request_share) as usize).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -389,6 +406,12 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        if self.server.header_read_timeout_secs == 0 {
+            return invalid("server.header_read_timeout_secs", "must be at least 1");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
         if let Err(e) = self.server.cors() {
             return invalid("server.cors_origins", &e);
         }
@@ -417,6 +440,9 @@ impl Config {
         }
         if self.batching.queue_capacity == 0 {
             return invalid("batching.queue_capacity", "must be at least 1");
+        }
+        if !(self.batching.max_request_share > 0.0 && self.batching.max_request_share <= 1.0) {
+            return invalid("batching.max_request_share", "must be > 0 and <= 1");
         }
         if self.limits.max_text_chars == 0 || self.limits.max_batch_texts == 0 {
             return invalid("limits.max_text_chars", "limits must be at least 1");

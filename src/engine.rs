@@ -40,6 +40,9 @@ pub enum ErrorClass {
     UnknownConstitution(String),
     /// The model queue is full; retry after this many seconds.
     Overloaded { retry_after_secs: u64 },
+    /// The request alone needs more of the model queue (`units`) than one request may
+    /// hold (`max_units`, `batching.max_request_share`); retrying will not help.
+    OverShare { units: usize, max_units: usize },
     /// The model workers have stopped: the service is stopping.
     Stopped,
     /// A failure of ours (model, constitution, index): logged with this detail, answered
@@ -66,6 +69,9 @@ impl From<EmbedError> for ErrorClass {
         match err {
             EmbedError::Overloaded { retry_after_secs } => {
                 ErrorClass::Overloaded { retry_after_secs }
+            }
+            EmbedError::OverShare { units, max_units } => {
+                ErrorClass::OverShare { units, max_units }
             }
             EmbedError::Stopped => ErrorClass::Stopped,
             EmbedError::Load(m) | EmbedError::Inference(m) => ErrorClass::Internal(m),
@@ -181,8 +187,9 @@ impl Engine {
         let started = Instant::now();
         let texts = Arc::new(Index::exemplar_texts(&constitution));
         let mut vectors = Vec::with_capacity(texts.len());
-        // In slices, so a big constitution does not take the whole queue at once.
-        for chunk in texts.chunks(256) {
+        // In slices, so a big constitution does not take the whole queue at once, each
+        // within what one request may hold.
+        for chunk in embedder.slices(&texts, 256) {
             let embedded = embed_with_retry(embedder, Arc::new(chunk.to_vec())).await?;
             vectors.extend(
                 embedded
@@ -396,6 +403,7 @@ async fn start_embedder(config: &Config, dir: std::path::PathBuf) -> Result<Embe
         max_batch_size: config.batching.max_batch_size,
         bucket_ratio: config.batching.bucket_ratio,
         capacity: config.batching.queue_capacity,
+        max_request_units: config.batching.max_request_units(),
         retry_after_secs: config.batching.retry_after_secs,
     };
     let started = Instant::now();

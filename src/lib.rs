@@ -10,7 +10,8 @@
 //! - [`detect`]: pure; detectors of personal data and secrets (patterns confirmed by
 //!   checksums), custom patterns, masking, the streaming hold-back.
 //! - [`embed`]: the model (fastembed on ONNX Runtime), its worker threads, the bounded
-//!   batching queue in front of them, long-text windows.
+//!   batching queue in front of them (fair across requests, cancellable), long-text
+//!   windows.
 //! - [`evaluate`]: pure; exemplar index, per-rule scores, verdicts, evidence.
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
@@ -20,8 +21,8 @@
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
 //! - [`store`]: the audit store: spool file, batched writer, SQLite/PostgreSQL, queries.
 //! - [`state`]: `AppState`, what every handler shares.
-//! - [`http`]: every route and handler (the gateway's too), extractors, the error
-//!   mapping, tower-http layers.
+//! - [`http`]: connections (accept loop, cap, timeouts), every route and handler (the
+//!   gateway's too), extractors, the error mapping, tower-http layers.
 //! - [`quality`]: labelled data, grouped cross-validation, the `bench` report (JSON +
 //!   PNG) and `calibrate`.
 //! - `main.rs` and `cli/` (the binary): the CLI, one file per command (`serve`,
@@ -56,7 +57,7 @@ mod sizes;
 pub mod state;
 pub mod store;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,12 +128,15 @@ async fn serve(
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server =
-        axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
-            let mut stop_rx = stop_rx;
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        });
-    let mut server = tokio::spawn(server.into_future());
+    let limits = http::conn::ConnLimits {
+        header_read_timeout: Duration::from_secs(state.config().server.header_read_timeout_secs),
+        max_connections: state.config().server.max_connections,
+    };
+    let server = http::conn::serve(listener, http::router(state.clone()), limits, async move {
+        let mut stop_rx = stop_rx;
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let mut server = tokio::spawn(server);
 
     let mut load_error = None;
     tokio::select! {
@@ -142,14 +146,14 @@ async fn serve(
             load_error = Some(err);
         }
         result = &mut server => {
-            return result.map_err(|e| std::io::Error::other(e.to_string()))?.map_err(RunError::Io);
+            return result.map_err(|e| std::io::Error::other(e.to_string()).into());
         }
     }
     let _ = stop_tx.send(true);
     loader.abort();
     let grace = Duration::from_secs(state.config().server.shutdown_timeout_secs);
     match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => result.map_err(|e| std::io::Error::other(e.to_string()))??,
+        Ok(result) => result.map_err(|e| std::io::Error::other(e.to_string()))?,
         Err(_) => {
             tracing::warn!(
                 timeout_secs = grace.as_secs(),

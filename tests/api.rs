@@ -4,6 +4,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "api/abuse.rs"]
+mod abuse;
 #[path = "api/cli.rs"]
 mod cli;
 #[path = "api/container.rs"]

@@ -1,5 +1,5 @@
 //! `charter healthcheck`: probe a running service's /readyz (the container's health
-//! check); exit 0 when ready.
+//! check); exit 0 when ready (or saturated: loaded and busy).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,6 +16,16 @@ pub fn probe_addr(bind: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, bind.port())
 }
 
+/// Ready, or loaded but saturated: a busy container is not a sick one (its /readyz 503
+/// only steers new work elsewhere).
+fn healthy(response: &str) -> bool {
+    let status = response.split_whitespace().nth(1);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let saturated =
+        serde_json::from_str::<serde_json::Value>(body).is_ok_and(|v| v["status"] == "saturated");
+    status == Some("200") || (status == Some("503") && saturated)
+}
+
 pub fn healthcheck(addr: std::net::SocketAddr) -> ExitCode {
     use std::io::Read;
     let attempt = || -> std::io::Result<bool> {
@@ -25,7 +35,7 @@ pub fn healthcheck(addr: std::net::SocketAddr) -> ExitCode {
         stream.write_all(format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+        Ok(healthy(&response))
     };
     match attempt() {
         Ok(true) => ExitCode::SUCCESS,
@@ -42,7 +52,22 @@ pub fn healthcheck(addr: std::net::SocketAddr) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::probe_addr;
+    use super::{healthy, probe_addr};
+
+    #[test]
+    fn a_saturated_service_is_healthy_a_loading_one_is_not() {
+        let answer = |status: &str, body: &str| format!("HTTP/1.1 {status}\r\nx: y\r\n\r\n{body}");
+        assert!(healthy(&answer("200 OK", r#"{"status":"ready"}"#)));
+        assert!(healthy(&answer(
+            "503 Service Unavailable",
+            r#"{"status":"saturated"}"#
+        )));
+        assert!(!healthy(&answer(
+            "503 Service Unavailable",
+            r#"{"status":"not_ready"}"#
+        )));
+        assert!(!healthy(&answer("500 Internal Server Error", "")));
+    }
 
     #[test]
     fn probes_loopback_when_bound_to_every_address() {

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use onnx::OnnxBackend;
-pub use queue::{Embedded, Embedder, QueueConfig};
+pub use queue::{Embedded, Embedder, QueueConfig, QueueStatus};
 pub use spans::Row;
 pub use windows::{plan_windows, WindowSpec};
 
@@ -73,6 +73,10 @@ pub enum EmbedError {
     /// The queue in front of the model is full; try again after `retry_after_secs`.
     #[error("the model queue is full")]
     Overloaded { retry_after_secs: u64 },
+    /// One request needs more of the queue (`units`: one per text plus one per KiB of
+    /// text) than one request may hold (`max_units`, `batching.max_request_share`).
+    #[error("the request needs {units} queue units; one request may hold {max_units}")]
+    OverShare { units: usize, max_units: usize },
     /// The model failed on an input.
     #[error("inference failed: {0}")]
     Inference(String),

@@ -10,8 +10,18 @@
 //! padded size (texts x longest) stays under a token budget and whose longest piece is at
 //! most `bucket_ratio` times the shortest, so little compute is spent on padding. There
 //! is no artificial wait: while the model is busy, the next batch gathers by itself.
+//!
+//! Fairness: one request may hold at most `max_request_share` of the queue (beyond it,
+//! [`EmbedError::OverShare`]), and the worker serves the jobs it holds in rounds, one
+//! bucket of each per round, taking newly arrived jobs between rounds; so a short request
+//! waits for one bucket of a huge one, not for all of it. Cancellation: a job whose caller
+//! is gone (its deadline passed and the handler was dropped, or its client disconnected)
+//! is dropped before its next bucket: its remaining rows are never embedded and its room
+//! is freed.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,6 +38,8 @@ pub struct QueueConfig {
     pub bucket_ratio: f32,
     /// Queue size in work units: one per text plus one per KiB of text.
     pub capacity: usize,
+    /// Most work units one request may hold (a share of `capacity`).
+    pub max_request_units: usize,
     /// How long a refused caller is told to wait (`Retry-After`), carried by
     /// [`EmbedError::Overloaded`].
     pub retry_after_secs: u64,
@@ -62,9 +74,50 @@ struct Inner {
     tx: crossbeam_channel::Sender<Job>,
     permits: Arc<Semaphore>,
     capacity: usize,
+    max_request_units: usize,
     retry_after_secs: u64,
     info: ModelInfo,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    started: Instant,
+}
+
+/// What the queue has done, for `/readyz` and the tests: rows embedded, rows dropped
+/// because their caller was gone, and when a request last found the queue full.
+#[derive(Default)]
+struct Counters {
+    rows_embedded: AtomicU64,
+    rows_cancelled: AtomicU64,
+    /// Milliseconds since start of the last refusal for want of room, plus one (0: never).
+    last_full_ms: AtomicU64,
+}
+
+impl Counters {
+    fn note_embedded(&self, rows: usize) {
+        self.rows_embedded.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    fn note_cancelled(&self, rows: usize) {
+        self.rows_cancelled
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+}
+
+/// The queue's state, as `/readyz` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStatus {
+    /// Work units queued or running, and the queue's room.
+    pub units: usize,
+    pub capacity: usize,
+    /// Most units one request may hold (`batching.max_request_share` of the capacity).
+    pub max_request_units: usize,
+    /// A request was refused for want of room within the last `retry_after_secs` (at
+    /// least one second).
+    pub saturated: bool,
+    /// Rows the model embedded, and rows dropped unembedded because their caller was
+    /// gone (timed out or disconnected), since start.
+    pub rows_embedded: u64,
+    pub rows_cancelled: u64,
 }
 
 impl Embedder {
@@ -76,12 +129,14 @@ impl Embedder {
             .info()
             .clone();
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let counters = Arc::new(Counters::default());
         let mut workers = Vec::with_capacity(backends.len());
         for (i, backend) in backends.into_iter().enumerate() {
             let rx = rx.clone();
+            let counters = Arc::clone(&counters);
             let handle = std::thread::Builder::new()
                 .name(format!("charter-model-{i}"))
-                .spawn(move || Worker::new(backend, config).run(rx))
+                .spawn(move || Worker::new(backend, config, counters).run(rx))
                 .map_err(|e| EmbedError::Load(format!("cannot start model thread: {e}")))?;
             workers.push(handle);
         }
@@ -90,9 +145,12 @@ impl Embedder {
                 tx,
                 permits: Arc::new(Semaphore::new(config.capacity)),
                 capacity: config.capacity,
+                max_request_units: config.max_request_units.clamp(1, config.capacity),
                 retry_after_secs: config.retry_after_secs,
                 info,
                 workers: std::sync::Mutex::new(workers),
+                counters,
+                started: Instant::now(),
             }),
         })
     }
@@ -106,20 +164,74 @@ impl Embedder {
         self.inner.capacity - self.inner.permits.available_permits()
     }
 
+    /// `texts` cut into consecutive slices of at most `max_texts` texts that each fit in
+    /// what one request may hold (a text too big alone is a slice of its own).
+    pub fn slices<'a>(&self, texts: &'a [String], max_texts: usize) -> Vec<&'a [String]> {
+        let mut out = Vec::new();
+        let (mut start, mut units) = (0, 0);
+        for (i, text) in texts.iter().enumerate() {
+            let u = work_units(text);
+            if i > start && (i - start >= max_texts || units + u > self.inner.max_request_units) {
+                out.push(&texts[start..i]);
+                (start, units) = (i, 0);
+            }
+            units += u;
+        }
+        if start < texts.len() {
+            out.push(&texts[start..]);
+        }
+        out
+    }
+
+    /// The queue's state: room used, saturation, rows embedded and cancelled.
+    pub fn status(&self) -> QueueStatus {
+        let inner = &self.inner;
+        let last_full = inner.counters.last_full_ms.load(Ordering::Relaxed);
+        let window = Duration::from_secs(inner.retry_after_secs.max(1));
+        let saturated = last_full > 0
+            && inner
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last_full - 1))
+                < window;
+        QueueStatus {
+            units: self.queued(),
+            capacity: inner.capacity,
+            max_request_units: inner.max_request_units,
+            saturated,
+            rows_embedded: inner.counters.rows_embedded.load(Ordering::Relaxed),
+            rows_cancelled: inner.counters.rows_cancelled.load(Ordering::Relaxed),
+        }
+    }
+
     /// Embeds `texts` (with windows when `windows` is given). Fails at once with
-    /// [`EmbedError::Overloaded`] when the queue has no room.
+    /// [`EmbedError::OverShare`] when the request alone needs more than its share of the
+    /// queue, and with [`EmbedError::Overloaded`] when the queue has no room left for it.
+    /// Dropping the returned future cancels the work: rows not yet embedded never are.
     pub async fn embed(
         &self,
         texts: Arc<Vec<String>>,
         windows: Option<WindowSpec>,
     ) -> Result<Embedded, EmbedError> {
-        let units: usize = texts.iter().map(|t| 1 + t.len() / 1024).sum();
-        // A request bigger than the whole queue may still run alone.
-        let units = units.clamp(1, self.inner.capacity) as u32;
-        let permit = Arc::clone(&self.inner.permits)
-            .try_acquire_many_owned(units)
-            .map_err(|_| EmbedError::Overloaded {
-                retry_after_secs: self.inner.retry_after_secs,
+        let units: usize = texts.iter().map(|t| work_units(t)).sum();
+        let inner = &self.inner;
+        if units > inner.max_request_units {
+            return Err(EmbedError::OverShare {
+                units,
+                max_units: inner.max_request_units,
+            });
+        }
+        let permit = Arc::clone(&inner.permits)
+            .try_acquire_many_owned(units.max(1) as u32)
+            .map_err(|_| {
+                let now_ms = inner.started.elapsed().as_millis() as u64;
+                inner
+                    .counters
+                    .last_full_ms
+                    .store(now_ms + 1, Ordering::Relaxed);
+                EmbedError::Overloaded {
+                    retry_after_secs: inner.retry_after_secs,
+                }
             })?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -146,11 +258,16 @@ impl Embedder {
     }
 }
 
-/// One row of a model call and where its vectors go: job, text, piece; its text range
-/// and token count; and, with a backend that [`Backend::pools_spans`], the other pieces
-/// that lie inside the row (their indices, and byte ranges relative to the row's start).
+/// Queue room a text holds: one unit, plus one per KiB.
+fn work_units(text: &str) -> usize {
+    1 + text.len() / 1024
+}
+
+/// One row of a model call and where its vectors go: text and piece of its job; its text
+/// range and token count; and, with a backend that [`Backend::pools_spans`], the other
+/// pieces that lie inside the row (their indices, and byte ranges relative to the row's
+/// start).
 struct Slot {
-    job: usize,
     text: usize,
     piece: usize,
     tokens: usize,
@@ -160,15 +277,38 @@ struct Slot {
     spans: Vec<(usize, usize)>,
 }
 
+/// A job the worker has taken: its planned result, the rows not yet embedded (sorted by
+/// token length, shortest first) and how many of the current round's rows are its.
+struct Active {
+    job: Job,
+    result: Result<Vec<TextEmbedding>, EmbedError>,
+    pending: VecDeque<Slot>,
+    in_round: usize,
+    taken: Instant,
+}
+
+impl Active {
+    /// The caller is gone (its deadline passed, or its client disconnected): nobody
+    /// waits for the rest of its rows.
+    fn cancelled(&self) -> bool {
+        self.job.reply.is_closed()
+    }
+
+    fn done(&self) -> bool {
+        self.pending.is_empty() && self.in_round == 0
+    }
+}
+
 struct Worker<B> {
     backend: B,
     config: QueueConfig,
     /// Text tokens that fit the model window (window minus specials and prefix).
     capacity: usize,
+    counters: Arc<Counters>,
 }
 
 impl<B: Backend> Worker<B> {
-    fn new(backend: B, config: QueueConfig) -> Self {
+    fn new(backend: B, config: QueueConfig, counters: Arc<Counters>) -> Self {
         let info = backend.info();
         let prefix_tokens = if info.prefix.is_empty() {
             0
@@ -183,122 +323,168 @@ impl<B: Backend> Worker<B> {
             backend,
             config,
             capacity,
+            counters,
         }
     }
 
+    /// Serves jobs in rounds until the channel closes and every taken job is answered.
+    /// Between rounds it takes the jobs that arrived (waiting only when it has none) and
+    /// drops cancelled ones; each round embeds the next bucket of every job it holds, so a
+    /// short request waits for at most one bucket of a long one, never for all of it.
     fn run(mut self, rx: crossbeam_channel::Receiver<Job>) {
-        while let Ok(first) = rx.recv() {
-            let mut texts = first.texts.len();
-            let mut jobs = vec![first];
+        let mut active: Vec<Active> = Vec::new();
+        loop {
+            if active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.take(job, &mut active),
+                    Err(_) => return,
+                }
+            }
             // Take what is already waiting, without waiting for more.
+            let mut texts = 0;
             while texts < self.config.max_batch_size * 4 {
                 match rx.try_recv() {
                     Ok(job) => {
                         texts += job.texts.len();
-                        jobs.push(job);
+                        self.take(job, &mut active);
                     }
                     Err(_) => break,
                 }
             }
-            self.process(jobs);
+            self.drop_cancelled(&mut active);
+            if !active.is_empty() {
+                self.round(&mut active);
+            }
         }
     }
 
-    fn process(&mut self, jobs: Vec<Job>) {
-        let started = Instant::now();
-        // A client that went away (timeout, disconnect) needs no answer.
-        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
-        if jobs.is_empty() {
+    /// Plans a job's rows, or drops it when its caller is already gone (its texts are
+    /// not even tokenised). A job without rows is answered at once.
+    fn take(&mut self, job: Job, active: &mut Vec<Active>) {
+        if job.reply.is_closed() {
+            self.counters.note_cancelled(job.texts.len());
             return;
         }
-        let mut results: Vec<Result<Vec<TextEmbedding>, EmbedError>> =
-            Vec::with_capacity(jobs.len());
+        let taken = Instant::now();
         let mut slots = Vec::new();
-        for (j, job) in jobs.iter().enumerate() {
-            results.push(self.plan(j, job, &mut slots));
-        }
+        let result = self.plan(&job, &mut slots);
         slots.sort_by_key(|s| s.tokens);
-
-        // Each job is answered as soon as its last piece is embedded: buckets run
-        // shortest first, so a short text does not wait for the long ones gathered with
-        // it (at 32 clients that wait was most of the tail latency).
-        let mut remaining = vec![0usize; jobs.len()];
-        for slot in &slots {
-            remaining[slot.job] += 1;
+        let job = Active {
+            job,
+            result,
+            pending: slots.into(),
+            in_round: 0,
+            taken,
+        };
+        if job.done() {
+            answer(job);
+        } else {
+            active.push(job);
         }
-        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-        let mut results: Vec<Option<Result<Vec<TextEmbedding>, EmbedError>>> =
-            results.into_iter().map(Some).collect();
-        // Jobs without pieces (failed planning, or no texts) are answered now.
-        for j in 0..jobs.len() {
-            if remaining[j] == 0 {
-                answer(&mut jobs[j], &mut results[j], started);
+    }
+
+    /// Drops the jobs whose callers are gone: their rows are never embedded and their
+    /// queue room is freed.
+    fn drop_cancelled(&self, active: &mut Vec<Active>) {
+        active.retain(|a| {
+            let cancelled = a.cancelled();
+            if cancelled {
+                let rows = a.pending.len() + a.in_round;
+                tracing::debug!(rows, "caller gone; dropping its queued rows");
+                self.counters.note_cancelled(rows);
+            }
+            !cancelled
+        });
+    }
+
+    /// One round: the next bucket of every job (by the same length bucketing a job alone
+    /// would get), pooled, sorted by length and run in buckets, shortest first. Rows of a
+    /// job cancelled during the round are skipped; a job is answered as soon as its last
+    /// row is embedded (a short text does not wait for the long ones gathered with it).
+    fn round(&mut self, active: &mut Vec<Active>) {
+        let mut rest: Vec<(usize, Slot)> = Vec::new();
+        for (j, a) in active.iter_mut().enumerate() {
+            let take = bucket_len(&self.config, a.pending.iter().map(|s| s.tokens));
+            a.in_round = take;
+            rest.extend(a.pending.drain(..take).map(|s| (j, s)));
+        }
+        rest.sort_by_key(|(_, s)| s.tokens);
+        let mut rest: VecDeque<(usize, Slot)> = rest.into();
+        // Answered jobs leave a hole, so that the round's job indices stay valid.
+        let mut jobs: Vec<Option<Active>> = active.drain(..).map(Some).collect();
+        let gone =
+            |jobs: &[Option<Active>], j: usize| jobs[j].as_ref().is_none_or(Active::cancelled);
+        loop {
+            // Rows of callers gone since the round began are skipped, not embedded.
+            rest.retain(|(j, _)| !gone(&jobs, *j));
+            if rest.is_empty() {
+                break;
+            }
+            let n = bucket_len(&self.config, rest.iter().map(|(_, s)| s.tokens));
+            let bucket: Vec<(usize, Slot)> = rest.drain(..n).collect();
+            self.embed_bucket(&mut jobs, &bucket);
+            for (j, _) in &bucket {
+                let finished = jobs[*j].as_mut().is_some_and(|a| {
+                    a.in_round -= 1;
+                    a.done()
+                });
+                if finished {
+                    answer(jobs[*j].take().expect("a finished job"));
+                }
             }
         }
+        active.extend(jobs.into_iter().flatten());
+        self.drop_cancelled(active);
+    }
 
-        let mut start = 0;
-        while start < slots.len() {
-            let end = self.bucket_end(&slots, start);
-            let bucket = &slots[start..end];
-            let rows: Vec<Row> = bucket
-                .iter()
-                .map(|s| {
-                    let job = jobs[s.job].as_ref().expect("a job with pieces left");
-                    Row {
-                        text: &job.texts[s.text][s.start..s.end],
-                        spans: &s.spans,
-                    }
+    /// Runs one model call and stores its vectors in their jobs' results (or the error).
+    fn embed_bucket(&mut self, jobs: &mut [Option<Active>], bucket: &[(usize, Slot)]) {
+        let rows: Vec<Row> = bucket
+            .iter()
+            .map(|(j, s)| Row {
+                text: &jobs[*j].as_ref().expect("a job with rows left").job.texts[s.text]
+                    [s.start..s.end],
+                spans: &s.spans,
+            })
+            .collect();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.embed_rows(&rows)))
+            .unwrap_or_else(|_| Err(EmbedError::Inference("the model panicked".into())))
+            .and_then(|vectors| {
+                let whole = vectors.len() == bucket.len()
+                    && bucket
+                        .iter()
+                        .zip(&vectors)
+                        .all(|((_, s), v)| v.len() == 1 + s.spans.len());
+                whole.then_some(vectors).ok_or_else(|| {
+                    EmbedError::Inference("the model returned too few vectors".into())
                 })
-                .collect();
-            let outcome =
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.backend.embed_rows(&rows)))
-                    .unwrap_or_else(|_| Err(EmbedError::Inference("the model panicked".into())))
-                    .and_then(|vectors| {
-                        let whole = vectors.len() == bucket.len()
-                            && bucket
-                                .iter()
-                                .zip(&vectors)
-                                .all(|(s, v)| v.len() == 1 + s.spans.len());
-                        whole.then_some(vectors).ok_or_else(|| {
-                            EmbedError::Inference("the model returned too few vectors".into())
-                        })
-                    });
-            match outcome {
-                Ok(vectors) => {
-                    for (slot, row) in bucket.iter().zip(vectors) {
-                        if let Some(Ok(r)) = &mut results[slot.job] {
-                            let pieces =
-                                std::iter::once(slot.piece).chain(slot.span_pieces.iter().copied());
-                            for (piece, vector) in pieces.zip(row) {
-                                r[slot.text].pieces[piece].vector = vector;
-                            }
+            });
+        self.counters.note_embedded(bucket.len());
+        match outcome {
+            Ok(vectors) => {
+                for ((j, slot), row) in bucket.iter().zip(vectors) {
+                    if let Some(Active { result: Ok(r), .. }) = jobs[*j].as_mut() {
+                        let pieces =
+                            std::iter::once(slot.piece).chain(slot.span_pieces.iter().copied());
+                        for (piece, vector) in pieces.zip(row) {
+                            r[slot.text].pieces[piece].vector = vector;
                         }
                     }
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, pieces = bucket.len(), "model call failed");
-                    for slot in bucket {
-                        results[slot.job] = Some(Err(err.clone()));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, pieces = bucket.len(), "model call failed");
+                for (j, _) in bucket {
+                    if let Some(a) = jobs[*j].as_mut() {
+                        a.result = Err(err.clone());
                     }
                 }
             }
-            for slot in bucket {
-                remaining[slot.job] -= 1;
-                if remaining[slot.job] == 0 {
-                    answer(&mut jobs[slot.job], &mut results[slot.job], started);
-                }
-            }
-            start = end;
         }
     }
 
     /// Tokenises a job's texts and plans their pieces, adding one slot per piece.
-    fn plan(
-        &self,
-        j: usize,
-        job: &Job,
-        slots: &mut Vec<Slot>,
-    ) -> Result<Vec<TextEmbedding>, EmbedError> {
+    fn plan(&self, job: &Job, slots: &mut Vec<Slot>) -> Result<Vec<TextEmbedding>, EmbedError> {
         let mut out = Vec::with_capacity(job.texts.len());
         let first_slot = slots.len();
         for (t, text) in job.texts.iter().enumerate() {
@@ -324,7 +510,6 @@ impl<B: Backend> Worker<B> {
                         row.spans.push((w.start - row.start, w.end - row.start));
                     } else {
                         slots.push(Slot {
-                            job: j,
                             text: t,
                             piece: p,
                             tokens: w.tokens,
@@ -350,43 +535,47 @@ impl<B: Backend> Worker<B> {
         }
         Ok(out)
     }
-
-    /// End (exclusive) of the bucket starting at `start` in length-sorted `slots`.
-    fn bucket_end(&self, slots: &[Slot], start: usize) -> usize {
-        let shortest = slots[start].tokens.max(1) as f32;
-        let mut end = start + 1;
-        while end < slots.len() {
-            let count = end - start + 1;
-            let longest = slots[end].tokens.max(1);
-            if count > self.config.max_batch_size
-                || count * (longest + 2) > self.config.max_batch_tokens
-                || longest as f32 > shortest * self.config.bucket_ratio
-            {
-                break;
-            }
-            end += 1;
-        }
-        end
-    }
 }
 
-/// Answers a finished job (once): its queue room is freed first, so a caller that sends
-/// its next request as soon as it has this answer finds the room.
-fn answer(
-    job: &mut Option<Job>,
-    result: &mut Option<Result<Vec<TextEmbedding>, EmbedError>>,
-    started: Instant,
-) {
-    let (Some(job), Some(result)) = (job.take(), result.take()) else {
-        return;
+/// How many of the length-sorted rows (their token counts) the next model call takes:
+/// at most `max_batch_size`, padded tokens (rows x longest) within `max_batch_tokens`, the
+/// longest at most `bucket_ratio` times the shortest; always at least one.
+fn bucket_len(config: &QueueConfig, tokens: impl Iterator<Item = usize>) -> usize {
+    let mut tokens = tokens.map(|t| t.max(1));
+    let Some(shortest) = tokens.next() else {
+        return 0;
     };
-    let queue_time = started.saturating_duration_since(job.enqueued);
-    let Job { reply, _permit, .. } = job;
+    let mut count = 1;
+    for longest in tokens {
+        let next = count + 1;
+        if next > config.max_batch_size
+            || next * (longest + 2) > config.max_batch_tokens
+            || longest as f32 > shortest as f32 * config.bucket_ratio
+        {
+            break;
+        }
+        count = next;
+    }
+    count
+}
+
+/// Answers a finished job: its queue room is freed first, so a caller that sends its
+/// next request as soon as it has this answer finds the room.
+fn answer(active: Active) {
+    let Active {
+        job, result, taken, ..
+    } = active;
+    let Job {
+        reply,
+        enqueued,
+        _permit,
+        ..
+    } = job;
     drop(_permit);
     let _ = reply.send(result.map(|texts| Embedded {
         texts,
-        queue_time,
-        model_time: started.elapsed(),
+        queue_time: taken.saturating_duration_since(enqueued),
+        model_time: taken.elapsed(),
     }));
 }
 
@@ -487,6 +676,7 @@ mod tests {
             max_batch_size: 4,
             bucket_ratio: 1.5,
             capacity: 16,
+            max_request_units: 16,
             retry_after_secs: 3,
         }
     }
@@ -712,6 +902,148 @@ mod tests {
         embedder.embed(texts(&["after"]), None).await.unwrap();
         let seen: Vec<String> = calls.lock().unwrap().iter().flatten().cloned().collect();
         assert!(!seen.contains(&"abandoned".to_string()), "{seen:?}");
+    }
+
+    /// `n` texts of `words` distinct words each (one row each, all in one length bucket).
+    fn many(n: usize, words: usize, tag: &str) -> Arc<Vec<String>> {
+        Arc::new(
+            (0..n)
+                .map(|i| {
+                    (0..words)
+                        .map(|w| format!("{tag}{i}w{w}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect(),
+        )
+    }
+
+    type Calls = Arc<Mutex<Vec<Vec<String>>>>;
+    type Running = tokio::task::JoinHandle<Result<Embedded, EmbedError>>;
+
+    /// A queue of `capacity` units, `max_units` per request, whose model takes `delay` ms
+    /// a call.
+    fn sized(capacity: usize, max_units: usize, delay: u64) -> (Embedder, Calls) {
+        let cfg = QueueConfig {
+            capacity,
+            max_request_units: max_units,
+            ..config()
+        };
+        start(Duration::from_millis(delay), cfg)
+    }
+
+    /// A queue of `capacity` units whose model takes `delay` ms a call, already inside a job
+    /// of `rows` texts of 8 tokens (6 per model call of 64 tokens).
+    async fn inside_a_job(capacity: usize, delay: u64, rows: usize) -> (Embedder, Calls, Running) {
+        let (embedder, calls) = sized(capacity, capacity, delay);
+        let job = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(many(rows, 8, "big"), None).await })
+        };
+        while calls.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (embedder, calls, job)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_stops_between_buckets_and_frees_its_room() {
+        let (embedder, calls, big) = inside_a_job(64, 20, 40).await;
+        // The caller goes away while the worker is inside its job.
+        big.abort();
+        let status = loop {
+            let status = embedder.status();
+            if status.units == 0 {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let embedded: usize = calls.lock().unwrap().iter().map(Vec::len).sum();
+        assert!(
+            embedded < 40,
+            "every row was embedded after the caller left"
+        );
+        assert_eq!(status.rows_cancelled as usize, 40 - embedded);
+        // Nothing more of it runs.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let later: usize = calls.lock().unwrap().iter().map(Vec::len).sum();
+        assert_eq!(later, embedded);
+    }
+
+    #[tokio::test]
+    async fn a_short_request_does_not_wait_for_a_huge_one() {
+        // 120 rows: 20 model calls of 6.
+        let (embedder, calls, huge) = inside_a_job(256, 10, 120).await;
+        let short = embedder.embed(texts(&["quick one"]), None).await.unwrap();
+        assert!(!huge.is_finished(), "the huge job finished first");
+        // It joined at the next round: one bucket of the huge job, not all of them.
+        let before: usize = calls.lock().unwrap().len();
+        assert!(
+            before < 10,
+            "{before} model calls before the short text's answer"
+        );
+        assert_eq!(short.texts[0].pieces[0].vector, fake_vector("quick one"));
+        let out = huge.await.unwrap().unwrap();
+        assert_eq!(out.texts.len(), 120);
+        for (i, t) in out.texts.iter().enumerate() {
+            let text = &many(120, 8, "big")[i];
+            assert_eq!(t.pieces[0].vector, fake_vector(text));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_over_its_share_is_refused_naming_the_limit() {
+        let (embedder, calls) = sized(16, 8, 0);
+        let err = embedder.embed(many(9, 1, "t"), None).await.unwrap_err();
+        assert_eq!(
+            err,
+            EmbedError::OverShare {
+                units: 9,
+                max_units: 8
+            }
+        );
+        assert!(calls.lock().unwrap().is_empty());
+        // Not saturation: the queue had room.
+        assert!(!embedder.status().saturated);
+        embedder.embed(many(8, 1, "t"), None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refusal_for_room_marks_the_queue_saturated() {
+        let (embedder, _) = sized(4, 4, 300);
+        assert!(!embedder.status().saturated);
+        let first = {
+            let e = embedder.clone();
+            tokio::spawn(async move { e.embed(many(4, 1, "a"), None).await })
+        };
+        while embedder.status().units < 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let err = embedder.embed(texts(&["b"]), None).await.unwrap_err();
+        assert!(matches!(err, EmbedError::Overloaded { .. }));
+        let status = embedder.status();
+        assert!(status.saturated, "{status:?}");
+        first.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn slices_keep_each_request_within_its_share() {
+        let (embedder, _) = sized(16, 5, 0);
+        let list: Vec<String> = (0..12)
+            .map(|i| {
+                if i == 3 {
+                    "x".repeat(3000)
+                } else {
+                    format!("t{i}")
+                }
+            })
+            .collect();
+        let slices = embedder.slices(&list, 4);
+        assert_eq!(slices.concat(), list);
+        for slice in &slices {
+            let units: usize = slice.iter().map(|t| work_units(t)).sum();
+            assert!(slice.len() <= 4 && units <= 5, "{slice:?}");
+        }
     }
 
     #[test]

@@ -163,6 +163,11 @@ impl From<ErrorClass> for GatewayError {
             ErrorClass::Overloaded { retry_after_secs } => {
                 GatewayError::Overloaded { retry_after_secs }
             }
+            // Retrying cannot help, so not an overload (which SDKs retry).
+            ErrorClass::OverShare { units, max_units } => GatewayError::InvalidRequest(format!(
+                "the texts to evaluate need {units} model queue units; one request may hold \
+                 at most {max_units} (batching.max_request_share): send a shorter prompt"
+            )),
             ErrorClass::Stopped => GatewayError::NotReady,
             ErrorClass::Internal(detail) => GatewayError::Internal(detail),
         }

@@ -395,7 +395,10 @@ fn select_constitution(
             ErrorClass::UnknownConstitution(id) => GatewayError::Internal(format!(
                 "gateway configuration names unknown constitution {id:?}"
             )),
-            class @ (ErrorClass::Overloaded { .. } | ErrorClass::Stopped | ErrorClass::Internal(_)) => {
+            class @ (ErrorClass::Overloaded { .. }
+            | ErrorClass::OverShare { .. }
+            | ErrorClass::Stopped
+            | ErrorClass::Internal(_)) => {
                 class.into()
             }
         })?;

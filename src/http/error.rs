@@ -32,6 +32,12 @@ pub enum AppError {
     },
     /// The whole body is larger than the configured limit.
     BodyTooLarge,
+    /// hyper could not parse the request (its request line or headers).
+    MalformedRequest,
+    /// The request line's URI is longer than hyper reads (64 KiB).
+    UriTooLong,
+    /// The request head is larger than hyper reads.
+    HeadersTooLarge,
     UnsupportedMediaType,
     NotFound {
         field: Option<String>,
@@ -39,6 +45,12 @@ pub enum AppError {
     },
     Overloaded {
         retry_after_secs: u64,
+    },
+    /// One request needs more of the model queue than `batching.max_request_share` lets
+    /// it hold.
+    OverShare {
+        units: usize,
+        max_units: usize,
     },
     NotReady,
     /// A dependency (the audit database) is down: logged, answered 503.
@@ -76,9 +88,13 @@ impl AppError {
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::TooLarge { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::MalformedRequest => StatusCode::BAD_REQUEST,
+            AppError::UriTooLong => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::NotFound { .. } => StatusCode::NOT_FOUND,
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::OverShare { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -92,9 +108,13 @@ impl AppError {
             AppError::Invalid { .. } => "invalid_field",
             AppError::TooLarge { .. } => "too_large",
             AppError::BodyTooLarge => "body_too_large",
+            AppError::MalformedRequest => "malformed_request",
+            AppError::UriTooLong => "uri_too_long",
+            AppError::HeadersTooLarge => "headers_too_large",
             AppError::UnsupportedMediaType => "unsupported_media_type",
             AppError::NotFound { .. } => "not_found",
             AppError::Overloaded { .. } => "overloaded",
+            AppError::OverShare { .. } => "over_request_share",
             AppError::NotReady => "not_ready",
             AppError::Unavailable(_) => "unavailable",
             AppError::Timeout => "timeout",
@@ -121,6 +141,7 @@ impl From<ErrorClass> for AppError {
             ErrorClass::Overloaded { retry_after_secs } => {
                 AppError::Overloaded { retry_after_secs }
             }
+            ErrorClass::OverShare { units, max_units } => AppError::OverShare { units, max_units },
             ErrorClass::Stopped => AppError::NotReady,
             ErrorClass::Internal(detail) => AppError::Internal(detail),
         }
@@ -140,10 +161,10 @@ impl From<StoreError> for AppError {
     }
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let (message, field): (String, Option<String>) = match &self {
+impl AppError {
+    /// The message the client sees and the field it concerns. 5xx messages stay generic.
+    fn message(&self) -> (String, Option<String>) {
+        match self {
             AppError::MalformedJson(m) => (format!("request body is not valid JSON: {m}"), None),
             AppError::Invalid { field, message } | AppError::TooLarge { field, message } => {
                 (message.clone(), Some(field.clone()))
@@ -152,40 +173,77 @@ impl IntoResponse for AppError {
                 "request body is larger than the configured limit".into(),
                 None,
             ),
+            AppError::MalformedRequest => ("the request is not valid HTTP/1.1".into(), None),
+            AppError::UriTooLong => (
+                "the URL is longer than the server reads (64 KiB)".into(),
+                None,
+            ),
+            AppError::HeadersTooLarge => (
+                "the request's headers are larger than the server reads".into(),
+                None,
+            ),
             AppError::UnsupportedMediaType => ("send the body as application/json".into(), None),
             AppError::NotFound { field, message } => (message.clone(), field.clone()),
             AppError::Overloaded { .. } => (
                 "the model queue is full; retry after the Retry-After delay".into(),
                 None,
             ),
+            AppError::OverShare { units, max_units } => (
+                format!(
+                    "this request needs {units} model queue units (one per text plus one per \
+                     KiB of text); one request may hold at most {max_units} \
+                     (batching.max_request_share of batching.queue_capacity): send fewer or \
+                     shorter texts"
+                ),
+                Some("texts".into()),
+            ),
             AppError::NotReady => (
                 "the service is starting or stopping; retry shortly".into(),
                 None,
             ),
-            AppError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "dependency unavailable");
-                (
-                    "the audit database is unavailable; retry shortly".into(),
-                    None,
-                )
-            }
+            AppError::Unavailable(_) => (
+                "the audit database is unavailable; retry shortly".into(),
+                None,
+            ),
             AppError::Timeout => (
                 "the request took longer than the configured timeout".into(),
                 None,
             ),
-            AppError::Internal(detail) => {
-                tracing::error!(error = %detail, "internal error");
-                ("internal error".into(), None)
-            }
-        };
-        let body = Body {
+            AppError::Internal(_) => ("internal error".into(), None),
+        }
+    }
+
+    /// The JSON error body, for answers written outside axum (the connection layer).
+    pub fn json_body(&self) -> Vec<u8> {
+        let (message, field) = self.message();
+        serde_json::to_vec(&Body {
             error: ErrorBody {
                 kind: self.kind(),
                 message: &message,
                 field: field.as_deref(),
             },
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let AppError::Unavailable(detail) = &self {
+            tracing::warn!(error = %detail, "dependency unavailable");
+        }
+        if let AppError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let body = (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.json_body(),
+        );
+        let mut response = (status, body).into_response();
         match self {
             AppError::Overloaded { retry_after_secs } => {
                 response
@@ -201,8 +259,12 @@ impl IntoResponse for AppError {
             | AppError::Invalid { .. }
             | AppError::TooLarge { .. }
             | AppError::BodyTooLarge
+            | AppError::MalformedRequest
+            | AppError::UriTooLong
+            | AppError::HeadersTooLarge
             | AppError::UnsupportedMediaType
             | AppError::NotFound { .. }
+            | AppError::OverShare { .. }
             | AppError::Timeout
             | AppError::Internal(_) => {}
         }

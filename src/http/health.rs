@@ -1,4 +1,5 @@
-//! `GET /healthz` (the process is up) and `GET /readyz` (model and constitutions loaded).
+//! `GET /healthz` (the process is up) and `GET /readyz` (model and constitutions loaded,
+//! and the model queue not saturated).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,19 +12,33 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// 200 when loaded and taking work; 503 while loading, and while the model queue is
+/// saturated (it refused a request for want of room within the last `Retry-After`), so a
+/// load balancer sends new work to other replicas until this one has room again.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     match state.readiness() {
-        Ok(engine) => (
-            StatusCode::OK,
-            Json(json!({
-                "status": "ready",
-                "model": engine.model().as_ref(),
-                "constitutions": engine.constitutions().len(),
-                "queued": engine.embedder().queued()
-                    + engine.partner().map_or(0, |p| p.queued()),
-                "audit": audit(&state),
-            })),
-        ),
+        Ok(engine) => {
+            let queue = engine.embedder().status();
+            let partner = engine.partner().map(|p| p.status());
+            let saturated = queue.saturated || partner.as_ref().is_some_and(|p| p.saturated);
+            let (status, word) = if saturated {
+                (StatusCode::SERVICE_UNAVAILABLE, "saturated")
+            } else {
+                (StatusCode::OK, "ready")
+            };
+            (
+                status,
+                Json(json!({
+                    "status": word,
+                    "model": engine.model().as_ref(),
+                    "constitutions": engine.constitutions().len(),
+                    "queued": queue.units + partner.as_ref().map_or(0, |p| p.units),
+                    "queue": queue,
+                    "partner_queue": partner,
+                    "audit": audit(&state),
+                })),
+            )
+        }
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "not_ready", "reason": reason, "audit": audit(&state)})),

@@ -1,8 +1,10 @@
-//! HTTP: routes, the JSON extractor, the one error mapping, and the tower-http layers
-//! (request ids, tracing, timeouts, body limits, panics). Holds no rules logic: handlers
+//! HTTP: connections (`conn`: the accept loop, its cap and timeouts), routes, the JSON
+//! extractor, the one error mapping, and the tower-http layers (request ids, tracing,
+//! timeouts, body limits, panics). Holds no rules logic: handlers
 //! validate input, call the [`crate::engine::Engine`] and shape its results.
 
 pub mod audit;
+pub mod conn;
 pub mod constitutions;
 pub mod error;
 pub mod evaluate;
