@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Models the tests use: the default and a second selectable one.
 TEST_MODELS ?= use-m3,minilm-l6-int8
 
-.PHONY: run test setup setup-test lint unit bench-gateway data calibrate calibrate-ordinary bench-quality tune tune-cv
+.PHONY: run test setup setup-test lint unit bench-gateway data calibrate calibrate-ordinary bench-quality heldout tune tune-cv
 
 ## Build and run the service on its embedded defaults (SQLite, default constitution, default model).
 run: setup
@@ -43,8 +43,10 @@ data:
 
 # The data the default constitution is calibrated and measured on (README.md).
 QUALITY_DATA = --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl \
+	--data bench/harmful-answers-train-en.jsonl --data bench/harmful-answers-train-zh.jsonl \
 	--ordinary bench/ordinary/en-written.jsonl --ordinary bench/ordinary/zh-written.jsonl \
-	--ordinary bench/ordinary/refusals.jsonl --ordinary assets/data/ordinary-slabs-train.jsonl \
+	--ordinary bench/ordinary/refusals.jsonl --ordinary bench/ordinary/en-answers.jsonl \
+	--ordinary bench/ordinary/zh-answers.jsonl --ordinary assets/data/ordinary-slabs-train.jsonl \
 	--ordinary assets/data/ordinary-manpages-zh.jsonl --ordinary assets/data/ordinary-fortunes-zh.jsonl \
 	--ordinary assets/data/ordinary-neuralchemy-train.jsonl
 
@@ -79,3 +81,9 @@ tune-cv: setup data
 ## `use-m3` it saw every labelled text, so the honest figures are tune-cv's.
 bench-quality: setup data
 	$(CARGO) run --release -- bench $(QUALITY_DATA) --ordinary-fit 0 --out bench-report
+
+## Verdicts on the held-out files (never fitted on): everyday text and refusals should pass,
+## harmful answers fail (tools/heldout_check.py; CHARTER__MODEL__DIR for another encoder).
+heldout: setup data
+	$(CARGO) build --release
+	$(PYTHON) tools/heldout_check.py
