@@ -19,6 +19,8 @@ mod anthropic_mock;
 mod gateway;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
+#[path = "api/gateway_turns.rs"]
+mod gateway_turns;
 #[path = "api/redact.rs"]
 mod redact;
 #[path = "api/refusal.rs"]
