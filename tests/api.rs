@@ -17,6 +17,8 @@ mod model;
 mod anthropic_mock;
 #[path = "api/gateway.rs"]
 mod gateway;
+#[path = "api/gateway_limits.rs"]
+mod gateway_limits;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
 #[path = "api/gateway_turns.rs"]

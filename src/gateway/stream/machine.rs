@@ -159,7 +159,7 @@ pub(super) struct Machine {
     output_tokens: u64,
     /// What upstream has generated so far (text, thinking, tool input), for the usage of
     /// a stream cut before upstream's own count came.
-    generated: GeneratedChars,
+    generated: messages::TokenEstimate,
     /// Whether non-blank text went out in the open text block: a refusal closes such a
     /// block and adds its own; otherwise the notice goes into it, so no empty text block
     /// (which the Messages API rejects in a later turn's history) reaches the client.
@@ -197,7 +197,7 @@ impl Machine {
             merged: None,
             eval_ms: 0.0,
             output_tokens: 0,
-            generated: GeneratedChars::default(),
+            generated: messages::TokenEstimate::default(),
             open_has_text: false,
             judging_all: true,
             pending: None,
@@ -664,7 +664,7 @@ impl Machine {
         }
         // Upstream billed what it generated before the hang-up, not the count its
         // message_start carried (1): an estimate from what came, never below its count.
-        let output_tokens = self.output_tokens.max(self.generated.estimated_tokens());
+        let output_tokens = self.output_tokens.max(self.generated.tokens());
         events.extend(messages::end_events(output_tokens, "refusal", &self.meta));
         self.outbox.extend(events.iter().map(sse::event));
     }
@@ -698,7 +698,7 @@ impl Machine {
             "action": self.meta.action.as_str(),
             "ended": ended,
             "output_tokens_reported": self.output_tokens,
-            "output_tokens_estimated": self.generated.estimated_tokens(),
+            "output_tokens_estimated": self.generated.tokens(),
         });
         self.record = Some(OutputRecord {
             result: result.clone(),
@@ -729,30 +729,6 @@ pub(super) fn sentence_cut(text: &str) -> Option<usize> {
         }
     }
     cut
-}
-
-/// Characters upstream generated in a stream, counted as a tokenizer roughly would: a
-/// CJK character is about one token, other text about four characters per token.
-#[derive(Debug, Default, Clone, Copy)]
-struct GeneratedChars {
-    cjk: u64,
-    other: u64,
-}
-
-impl GeneratedChars {
-    fn add(&mut self, text: &str) {
-        for c in text.chars() {
-            if ('\u{3000}'..='\u{9fff}').contains(&c) || ('\u{ff00}'..='\u{ffef}').contains(&c) {
-                self.cjk += 1;
-            } else {
-                self.other += 1;
-            }
-        }
-    }
-
-    fn estimated_tokens(self) -> u64 {
-        self.cjk + self.other.div_ceil(4)
-    }
 }
 
 fn text_delta(index: u64, text: &str) -> Bytes {
