@@ -246,6 +246,11 @@ pub struct GatewayConfig {
     pub screen_prompts: bool,
     /// Also evaluate the system prompt (when `screen_prompts`).
     pub screen_system: bool,
+    /// Earlier user turns screened with the new input (when `screen_prompts`): the last
+    /// N user turns before it and the new input are evaluated as one more text, so a
+    /// request spread over turns is seen whole. 0 (the default) screens the new input only.
+    #[serde(default)]
+    pub screen_history: usize,
     /// Evaluate the model's text output (and act on violations).
     pub evaluate_output: bool,
     /// Mask what the constitution's `redact` rules find (personal data, secrets) in the
@@ -262,6 +267,11 @@ pub struct GatewayConfig {
     pub max_revise_rounds: u32,
     /// `max_tokens` of each critique call.
     pub critique_max_tokens: u32,
+    /// Most tokens (input + output) the critique and revision calls of one request may
+    /// spend upstream; a call that would not fit (its input estimated, its `max_tokens`
+    /// lowered to what remains) is not made and the answer is blocked instead. 0: no cap.
+    #[serde(default)]
+    pub revise_max_tokens: u64,
     /// Constitution for requests that name none (header, key map); unset: `constitutions.default`.
     #[serde(default)]
     pub constitution: Option<String>,

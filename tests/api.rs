@@ -19,8 +19,12 @@ mod model;
 mod anthropic_mock;
 #[path = "api/gateway.rs"]
 mod gateway;
+#[path = "api/gateway_limits.rs"]
+mod gateway_limits;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
+#[path = "api/gateway_turns.rs"]
+mod gateway_turns;
 #[path = "api/redact.rs"]
 mod redact;
 #[path = "api/refusal.rs"]

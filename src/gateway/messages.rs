@@ -21,31 +21,39 @@ pub struct RequestView {
     pub max_tokens: Option<u64>,
     /// Text blocks of the last user turn, joined by blank lines; `None` when it has none.
     pub last_user_text: Option<String>,
+    /// The text of the user turns before the last one, at most the `history` asked for,
+    /// oldest first (turns without text skipped).
+    pub earlier_user_texts: Vec<String>,
     /// The system prompt's text; `None` when absent or empty.
     pub system_text: Option<String>,
 }
 
-/// Reads the fields the gateway uses. Shapes it does not understand are left to upstream
-/// to judge (they yield `None` here), except a body that is not a JSON object.
-pub fn read_request(body: &Value) -> Result<RequestView, String> {
+/// Reads the fields the gateway uses, with the text of at most `history` user turns
+/// before the last. Shapes it does not understand are left to upstream to judge (they
+/// yield `None` here), except a body that is not a JSON object.
+pub fn read_request(body: &Value, history: usize) -> Result<RequestView, String> {
     let obj = body
         .as_object()
         .ok_or_else(|| "the request body must be a JSON object".to_string())?;
-    let last_user_text = obj
+    let mut user_turns = obj
         .get("messages")
         .and_then(Value::as_array)
-        .and_then(|messages| {
-            messages
-                .iter()
-                .rev()
-                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        })
-        .and_then(|m| turn_text(m.get("content")?));
+        .into_iter()
+        .flatten()
+        .rev()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"));
+    let last_user_text = user_turns.next().and_then(|m| turn_text(m.get("content")?));
+    let mut earlier_user_texts: Vec<String> = user_turns
+        .filter_map(|m| turn_text(m.get("content")?))
+        .take(history)
+        .collect();
+    earlier_user_texts.reverse();
     Ok(RequestView {
         stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
         model: obj.get("model").and_then(Value::as_str).map(str::to_string),
         max_tokens: obj.get("max_tokens").and_then(Value::as_u64),
         last_user_text,
+        earlier_user_texts,
         system_text: obj.get("system").and_then(content_text),
     })
 }
@@ -144,6 +152,42 @@ impl Usage {
         self.input_tokens += other.input_tokens;
         self.output_tokens += other.output_tokens;
     }
+
+    pub fn total(self) -> u64 {
+        self.input_tokens + self.output_tokens
+    }
+}
+
+/// Tokens of a text as a tokenizer roughly counts them, for budgets and for a stream cut
+/// before upstream's own count: a CJK character about one token, other text about four
+/// characters per token.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokenEstimate {
+    cjk: u64,
+    other: u64,
+}
+
+impl TokenEstimate {
+    pub fn add(&mut self, text: &str) {
+        for c in text.chars() {
+            if ('\u{3000}'..='\u{9fff}').contains(&c) || ('\u{ff00}'..='\u{ffef}').contains(&c) {
+                self.cjk += 1;
+            } else {
+                self.other += 1;
+            }
+        }
+    }
+
+    pub fn tokens(self) -> u64 {
+        self.cjk + self.other.div_ceil(4)
+    }
+}
+
+/// [`TokenEstimate`] of one text.
+pub fn estimate_tokens(text: &str) -> u64 {
+    let mut estimate = TokenEstimate::default();
+    estimate.add(text);
+    estimate.tokens()
 }
 
 /// The `charter` field of a message (and of a stream's `message_delta`), and the source
@@ -158,15 +202,20 @@ pub struct Charter {
     /// violated).
     pub violated: Vec<String>,
     pub constitution: ConstitutionRef,
-    /// What was evaluated: `prompt`, `system`, `output`.
+    /// What was evaluated: `prompt`, `history` (earlier user turns with the new input,
+    /// `gateway.screen_history`), `system`, `output`.
     pub checked: Vec<&'static str>,
-    /// Which part failed (`prompt`, `system`, `output`), when one did.
+    /// Which part failed (`prompt`, `history`, `system`, `output`), when one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<&'static str>,
     /// Critique-and-revise rounds run.
     pub revise_rounds: u32,
     /// Tokens the critique and revision calls cost, on top of `usage`.
     pub extra_usage: Usage,
+    /// Whether the output broke a revise rule, so the critique/revise loop ran (or was
+    /// refused by `gateway.revise_max_tokens`): the `x-charter-revise-usage` header.
+    #[serde(skip)]
+    pub revise_tried: bool,
     /// Streams: characters of output text released to the client, all of them evaluated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub released_chars: Option<usize>,
@@ -200,6 +249,7 @@ impl Charter {
             failed: None,
             revise_rounds: 0,
             extra_usage: Usage::default(),
+            revise_tried: false,
             released_chars: None,
             note: None,
             redacted: Vec::new(),
@@ -332,9 +382,10 @@ pub fn redact_last_user_turn(
 }
 
 impl Charter {
-    /// The `x-charter-*` response headers.
+    /// The `x-charter-*` response headers (`x-charter-revise-usage`: what the critique
+    /// and revision calls spent, when they were needed).
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut headers = vec![
             ("x-charter-id", self.id.clone()),
             (
                 "x-charter-verdict",
@@ -351,9 +402,22 @@ impl Charter {
                 "x-charter-constitution-version",
                 self.constitution.version.clone(),
             ),
-        ]
+        ];
+        if self.revise_tried {
+            headers.push((
+                REVISE_USAGE_HEADER,
+                format!(
+                    "input_tokens={}, output_tokens={}",
+                    self.extra_usage.input_tokens, self.extra_usage.output_tokens
+                ),
+            ));
+        }
+        headers
     }
 }
+
+/// What the critique and revision calls of a request spent upstream.
+pub const REVISE_USAGE_HEADER: &str = "x-charter-revise-usage";
 
 /// A gateway-made message id (`msg_` like upstream's, marked as Charter's).
 pub fn new_message_id() -> String {
@@ -514,14 +578,45 @@ mod tests {
                 {"type": "text", "text": "and the user says C"},
             ]},
         ]});
-        let view = read_request(&body).unwrap();
+        let view = read_request(&body, 0).unwrap();
         assert_eq!(
             view.last_user_text.as_deref(),
             Some("tool says A\n\ntool says B\n\nand the user says C")
         );
         let only_images = json!({"messages": [{"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]}]});
-        assert_eq!(read_request(&only_images).unwrap().last_user_text, None);
+        assert_eq!(read_request(&only_images, 0).unwrap().last_user_text, None);
+    }
+
+    #[test]
+    fn earlier_user_turns_are_read_up_to_the_history_asked_for() {
+        let body = json!({"messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": [{"type": "image", "source": {}}]},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "c"},
+            {"role": "user", "content": "now"},
+        ]});
+        let view = |n| read_request(&body, n).unwrap();
+        assert!(view(0).earlier_user_texts.is_empty());
+        assert_eq!(view(1).earlier_user_texts, ["three"]);
+        assert_eq!(view(2).earlier_user_texts, ["two", "three"]);
+        assert_eq!(view(9).earlier_user_texts, ["one", "two", "three"]);
+        assert_eq!(view(9).last_user_text.as_deref(), Some("now"));
+    }
+
+    #[test]
+    fn tokens_are_estimated_per_script() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("abcde"), 2);
+        assert_eq!(estimate_tokens("我不想活了"), 5);
+        let mut n = TokenEstimate::default();
+        n.add("abc");
+        n.add("d。");
+        assert_eq!(n.tokens(), 2);
     }
 
     fn charter() -> Charter {
@@ -538,6 +633,7 @@ mod tests {
             failed: Some("output"),
             revise_rounds: 0,
             extra_usage: Usage::default(),
+            revise_tried: false,
             released_chars: None,
             note: None,
             redacted: Vec::new(),
@@ -597,7 +693,7 @@ mod tests {
             ],
             "unknown_field": {"kept": true}
         });
-        let view = read_request(&body).unwrap();
+        let view = read_request(&body, 0).unwrap();
         assert_eq!(
             view,
             RequestView {
@@ -605,11 +701,12 @@ mod tests {
                 model: Some("claude-x".into()),
                 max_tokens: Some(100),
                 last_user_text: Some("second\n\nx\n\nthird".into()),
+                earlier_user_texts: Vec::new(),
                 system_text: Some("Be brief.".into()),
             }
         );
-        assert!(read_request(&json!([1])).is_err());
-        let view = read_request(&json!({"messages": [{"role": "user", "content": 5}]})).unwrap();
+        assert!(read_request(&json!([1]), 0).is_err());
+        let view = read_request(&json!({"messages": [{"role": "user", "content": 5}]}), 0).unwrap();
         assert_eq!(view.last_user_text, None);
         assert!(!view.stream);
     }

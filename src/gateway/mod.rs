@@ -136,7 +136,12 @@ pub async fn exchange(
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::InvalidRequest(format!("the request body is not valid JSON: {e}"))
     })?;
-    let view = messages::read_request(&value).map_err(GatewayError::InvalidRequest)?;
+    let history = if config.screen_prompts {
+        config.screen_history
+    } else {
+        0
+    };
+    let view = messages::read_request(&value, history).map_err(GatewayError::InvalidRequest)?;
     drop(value);
     let span = tracing::Span::current();
     span.record("stream", view.stream);
@@ -405,7 +410,8 @@ fn select_constitution(
     Ok(index.constitution().reference())
 }
 
-/// Screens the last user turn (and the system prompt when configured). A prompt that
+/// Screens the last user turn (and, when configured, the system prompt and the last
+/// `screen_history` earlier user turns with the new input, as one text). A prompt that
 /// breaks a block or revise rule is answered here, without calling upstream.
 async fn screen(
     ex: &Exchange,
@@ -414,9 +420,19 @@ async fn screen(
 ) -> Result<Option<Response>, GatewayError> {
     let config = ex.gw.config();
     let max_chars = config.limits.max_text_chars;
+    // Earlier turns and the new one read as one text: a request spread over turns, or
+    // one turn's harm that the next builds on, is seen whole.
+    let history = (!view.earlier_user_texts.is_empty()).then(|| {
+        let mut turns = view.earlier_user_texts.clone();
+        turns.extend(view.last_user_text.clone());
+        turns.join("\n\n")
+    });
     let mut parts: Vec<(&'static str, &str)> = Vec::new();
     if let Some(text) = &view.last_user_text {
         parts.push(("prompt", text));
+    }
+    if let Some(text) = &history {
+        parts.push(("history", text));
     }
     if config.gateway.screen_system {
         if let Some(text) = &view.system_text {
@@ -425,6 +441,14 @@ async fn screen(
     }
     let mut decision = Decision::Pass;
     for (part, full) in parts {
+        let what = match part {
+            "history" => format!(
+                "the last {} earlier user turns and the last user turn",
+                view.earlier_user_texts.len()
+            ),
+            "system" => "the system prompt's text".to_string(),
+            _ => "text blocks and tool results of the last user turn".to_string(),
+        };
         // Long prompts are screened by their end, where the request usually is; the
         // audit record says how much was checked.
         let text = review::tail(full, max_chars);
@@ -437,7 +461,7 @@ async fn screen(
             text,
             json!({
                 "part": part,
-                "checked": "text blocks of the last user turn",
+                "checked": what,
                 "chars": full.chars().count(),
                 "checked_chars": checked.chars,
                 "decision": format!("{this:?}").to_lowercase(),
@@ -589,6 +613,7 @@ async fn review_output(
         }
         Decision::Revise => {
             let outcome = revise::run(ex, &text, &checked).await?;
+            meta.revise_tried = true;
             meta.revise_rounds = outcome.rounds;
             meta.extra_usage = outcome.extra_usage;
             meta.note = outcome.note;

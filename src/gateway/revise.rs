@@ -5,8 +5,11 @@
 //! breaks `flag` rules); anything else, an upstream failure included, ends in a block.
 //!
 //! The calls go to the same upstream, model, key and `anthropic-*` headers as the client's
-//! request, non-streaming; their token usage is counted apart (`charter.extra_usage`),
-//! never added to the usage the client is billed for.
+//! request, non-streaming; their token usage is counted apart (`charter.extra_usage` and
+//! the `x-charter-revise-usage` header), never added to the usage the client is billed
+//! for. `gateway.revise_max_tokens` caps it: a call is made only when its input (estimated
+//! from its characters) fits in what remains, with `max_tokens` lowered to the rest; when
+//! none fits, or a revision is cut short by that lower `max_tokens`, the answer is blocked.
 
 use axum::http::{HeaderMap, Method};
 use serde_json::{json, Value};
@@ -49,22 +52,16 @@ pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outco
         outcome.rounds = round;
         let rules = instructions(first, &violations);
         let critique_body = critique_request(ex, &current, &rules);
-        let (critique, _) = match call(ex, critique_body, &mut outcome.extra_usage).await {
-            Ok(reply) => reply,
-            Err(note) => {
-                outcome.note = Some(format!("critique call failed: {note}"));
-                return Ok(outcome);
-            }
+        let (critique, _) = match budgeted(ex, critique_body, &mut outcome, "critique").await {
+            Some(reply) => reply,
+            None => return Ok(outcome),
         };
         let revision_body = revision_request(ex, &current, &critique, &rules);
-        let (revision, stop_reason) = match call(ex, revision_body, &mut outcome.extra_usage).await
-        {
-            Ok(reply) => reply,
-            Err(note) => {
-                outcome.note = Some(format!("revision call failed: {note}"));
-                return Ok(outcome);
-            }
-        };
+        let (revision, stop_reason) =
+            match budgeted(ex, revision_body, &mut outcome, "revision").await {
+                Some(reply) => reply,
+                None => return Ok(outcome),
+            };
         if revision.trim().is_empty() {
             outcome.note = Some("the revision was empty".into());
             return Ok(outcome);
@@ -195,6 +192,52 @@ fn revision_request(
     })
 }
 
+/// What `gateway.revise_max_tokens` leaves for a call of `body`: the `max_tokens` to send
+/// (at most the one asked for), or `None` when its estimated input does not fit in what
+/// remains of the budget after `spent`. A cap of 0 leaves every call as asked.
+fn allowance(cap: u64, spent: Usage, body: &Value) -> Option<u64> {
+    let wanted = body["max_tokens"].as_u64().unwrap_or(1);
+    if cap == 0 {
+        return Some(wanted);
+    }
+    let input = messages::estimate_tokens(&body.to_string());
+    let left = cap.saturating_sub(spent.total()).saturating_sub(input);
+    (left > 0).then(|| wanted.min(left))
+}
+
+/// One call within the budget; `None` (with the note set) when it could not be made, it
+/// failed, or a revision was cut short by the budget's lower `max_tokens`.
+async fn budgeted(
+    ex: &Exchange,
+    mut body: Value,
+    outcome: &mut Outcome,
+    what: &str,
+) -> Option<(String, Value)> {
+    let cap = ex.gw.config().gateway.revise_max_tokens;
+    let wanted = body["max_tokens"].as_u64().unwrap_or(1);
+    let Some(max_tokens) = allowance(cap, outcome.extra_usage, &body) else {
+        outcome.note = Some(format!(
+            "the {what} call does not fit in gateway.revise_max_tokens ({cap}; spent {})",
+            outcome.extra_usage.total()
+        ));
+        return None;
+    };
+    body["max_tokens"] = json!(max_tokens);
+    match call(ex, body, &mut outcome.extra_usage).await {
+        Ok((_, stop_reason)) if max_tokens < wanted && stop_reason == "max_tokens" => {
+            outcome.note = Some(format!(
+                "the {what} was cut at gateway.revise_max_tokens ({cap})"
+            ));
+            None
+        }
+        Ok(reply) => Some(reply),
+        Err(note) => {
+            outcome.note = Some(format!("{what} call failed: {note}"));
+            None
+        }
+    }
+}
+
 /// One non-streaming upstream call; the reply's text and `stop_reason`, or why it failed
 /// (for the metadata note). Usage is added to `usage` either way it was reported.
 async fn call(ex: &Exchange, body: Value, usage: &mut Usage) -> Result<(String, Value), String> {
@@ -231,4 +274,29 @@ async fn call(ex: &Exchange, body: Value, usage: &mut Usage) -> Result<(String, 
         messages::response_text(&message),
         message["stop_reason"].clone(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_lowers_max_tokens_and_refuses_a_call_that_cannot_fit() {
+        let body =
+            json!({"max_tokens": 1000, "messages": [{"role": "user", "content": "x".repeat(400)}]});
+        let input = messages::estimate_tokens(&body.to_string());
+        let spent = |n| Usage {
+            input_tokens: n,
+            output_tokens: 0,
+        };
+        assert_eq!(allowance(0, spent(99_999), &body), Some(1000), "no cap");
+        assert_eq!(allowance(10_000, spent(0), &body), Some(1000));
+        assert_eq!(allowance(input + 300, spent(100), &body), Some(200));
+        assert_eq!(allowance(input + 100, spent(100), &body), None);
+        assert_eq!(
+            allowance(50, spent(0), &body),
+            None,
+            "the input alone is over"
+        );
+    }
 }

@@ -18,8 +18,10 @@
 //!
 //! On a violation (a block or revise rule: a half-sent answer cannot be revised) the held
 //! text is dropped, the open block is closed, a text block with the refusal notice is
-//! added, then `message_delta` with `stop_reason: "refusal"` and `message_stop`, and
-//! upstream is hung up on. Exactly one `message_start` reaches the client, and every
+//! added (or, when no text went out in the open text block, the notice becomes its text:
+//! an empty text block would make the client's next turn invalid), then `message_delta`
+//! with `stop_reason: "refusal"` and an output token count no lower than an estimate of
+//! what upstream generated, and `message_stop`, and upstream is hung up on. Exactly one `message_start` reaches the client, and every
 //! stream ends with `message_stop` or an `error` event (upstream `error` events are passed
 //! on; a cut connection, an unreadable event or a failed evaluation become one), never a
 //! bare close. The audit record of the output (what was checked, released and withheld)

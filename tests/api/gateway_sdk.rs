@@ -3,15 +3,16 @@
 //! `tests/sdk/setup.sh` (run by `make setup-test`). Each runs its script in tests/sdk/
 //! (create, stream with get_final_message / finalMessage, count_tokens, models, a blocked
 //! prompt, a blocked output, a revised output, a mid-stream block, 429, 529 and a
-//! mid-stream error, each with a user's assertions); this test then checks what the mock
-//! upstream saw, e.g. that the SDK's own retries reached it and the gateway added none.
+//! mid-stream error, the next turn after each outcome, each with a user's assertions);
+//! this test then checks what the mock upstream saw, e.g. that the SDK's own retries
+//! reached it and the gateway added none, and that every next turn reached it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use crate::anthropic_mock as mock;
-use crate::gateway::{harness, test_id, PIPE_BOMB_PROMPT};
+use crate::gateway::{harness, test_id, FLAG_CLIENT_KEY, PIPE_BOMB_PROMPT};
 
 /// Runs one SDK script against the shared gateway; returns its output, panicking (with
 /// the output) when it fails.
@@ -33,6 +34,7 @@ async fn run_script(program: &Path, script: &Path, test: &str) -> String {
         .env("RICH_TEXT", mock::RICH_TEXT)
         .env("REVISION_TEXT", mock::REVISION_TEXT)
         .env("PIPE_BOMB_PROMPT", PIPE_BOMB_PROMPT)
+        .env("FLAG_KEY", FLAG_CLIENT_KEY)
         // The SDKs must talk to the gateway only.
         .env_remove("ANTHROPIC_API_KEY")
         .env_remove("ANTHROPIC_BASE_URL")
@@ -80,6 +82,18 @@ fn check_upstream(test: &str) {
         "a refused prompt never reaches upstream"
     );
     assert_eq!(scenario("revised").len(), 3, "answer, critique, revision");
+    for outcome in ["pass", "flag", "block", "block-late", "revise"] {
+        let turns = scenario(&format!("turns-{outcome}"));
+        let next: Vec<_> = turns
+            .iter()
+            .filter(|r| {
+                r.json()["messages"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == 3)
+            })
+            .collect();
+        assert_eq!(next.len(), 2, "{outcome}: both next turns reached upstream");
+    }
     assert_eq!(
         scenario("midstream-error").len(),
         1,
@@ -120,7 +134,7 @@ async fn python_sdk(version: &str) {
     let python = dir.join(format!(".venv/anthropic-{version}/bin/python"));
     let out = run_script(&python, &dir.join("client.py"), &test).await;
     assert!(out.contains(&format!("anthropic {version}")), "{out}");
-    assert_eq!(passed(&out), 11, "{out}");
+    assert_eq!(passed(&out), 12, "{out}");
     check_upstream(&test);
 }
 
@@ -141,7 +155,7 @@ async fn typescript_sdk_1_x() {
     let node = which("node").expect("node on PATH (Node 20)");
     let out = run_script(&node, &dir.join("client.mjs"), &test).await;
     assert!(out.contains("@anthropic-ai/sdk 1."), "{out}");
-    assert_eq!(passed(&out), 11, "{out}");
+    assert_eq!(passed(&out), 12, "{out}");
     check_upstream(&test);
 }
 

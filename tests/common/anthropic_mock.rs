@@ -22,6 +22,12 @@
 //!
 //! Critique and revision calls (system prompts starting "You review" / "You rewrite") get a
 //! critique and a rewrite whatever the model.
+//!
+//! Like the real API, it answers 400 `invalid_request_error` to a history it would reject
+//! ([`invalid_history`]): an empty or blank text block, a turn without content (except a
+//! final assistant prefill), a `tool_use` not answered by a `tool_result` in the next turn.
+//! So a test that appends a gateway answer to its history and sends the next turn finds
+//! out whether the answer was a valid assistant turn.
 
 #![allow(dead_code)]
 
@@ -252,8 +258,67 @@ fn models(query: &str) -> Response {
     )
 }
 
+/// Why the real Messages API would reject this request's `messages`, if it would (the
+/// messages are the API's own wording).
+pub fn invalid_history(request: &Value) -> Option<String> {
+    let turns = request["messages"].as_array()?;
+    for (i, turn) in turns.iter().enumerate() {
+        let last = i + 1 == turns.len();
+        let blocks = match &turn["content"] {
+            Value::String(s) if s.is_empty() && !(last && turn["role"] == "assistant") => {
+                return Some(format!("messages.{i}: all messages must have non-empty content except for the optional final assistant message"));
+            }
+            Value::Array(blocks) if blocks.is_empty() && !(last && turn["role"] == "assistant") => {
+                return Some(format!("messages.{i}: all messages must have non-empty content except for the optional final assistant message"));
+            }
+            Value::Array(blocks) => blocks,
+            _ => continue,
+        };
+        for (j, block) in blocks.iter().enumerate() {
+            if block["type"] != "text" {
+                continue;
+            }
+            let text = block["text"].as_str().unwrap_or("");
+            if text.is_empty() {
+                return Some(format!(
+                    "messages.{i}.content.{j}.text: text content blocks must be non-empty"
+                ));
+            }
+            if text.trim().is_empty() {
+                return Some(format!(
+                    "messages.{i}.content.{j}.text: text content blocks must contain non-whitespace text"
+                ));
+            }
+        }
+        let tool_ids: Vec<&str> = blocks
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .filter_map(|b| b["id"].as_str())
+            .collect();
+        if tool_ids.is_empty() || last {
+            continue;
+        }
+        let answered: Vec<&str> = turns[i + 1]["content"]
+            .as_array()
+            .map(|b| {
+                b.iter()
+                    .filter(|b| b["type"] == "tool_result")
+                    .filter_map(|b| b["tool_use_id"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(id) = tool_ids.iter().find(|id| !answered.contains(id)) {
+            return Some(format!("messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: {id}. Each `tool_use` block must have a corresponding `tool_result` block in the next message."));
+        }
+    }
+    None
+}
+
 fn messages(body: &[u8], n: u64) -> Response {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if let Some(message) = invalid_history(&request) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
+    }
     let model = request["model"].as_str().unwrap_or("").to_string();
     let stream = request["stream"].as_bool().unwrap_or(false);
     let system = request["system"].as_str().unwrap_or("");

@@ -21,13 +21,14 @@ PLAIN_TEXT = os.environ["PLAIN_TEXT"]
 RICH_TEXT = os.environ["RICH_TEXT"]
 REVISION_TEXT = os.environ["REVISION_TEXT"]
 PIPE_BOMB_PROMPT = os.environ["PIPE_BOMB_PROMPT"]
+FLAG_KEY = os.environ["FLAG_KEY"]
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def client(scenario, **kwargs):
+def client(scenario, api_key="sk-sdk-client", **kwargs):
     return anthropic.Anthropic(
         base_url=BASE,
-        api_key="sk-sdk-client",
+        api_key=api_key,
         default_headers={"x-test-id": f"{TEST_ID}-{scenario}"},
         **kwargs,
     )
@@ -173,6 +174,35 @@ def midstream_error():
         raise AssertionError("no error for a mid-stream error event")
 
 
+def next_turn():
+    """After each outcome, the answer appended to the history is accepted next turn (the
+    mock rejects what the real API rejects, e.g. an empty text block)."""
+    cases = [
+        ("pass", "sk-sdk-client", "mock-plain", "none", "none"),
+        ("flag", FLAG_KEY, "mock-harmful", "flag", "flag"),
+        ("block", "sk-sdk-client", "mock-harmful", "block", "block"),
+        ("block-late", "sk-sdk-client", "mock-long-harmful", "block", "block"),
+        ("revise", "sk-sdk-client", "mock-privacy", "revise", "block"),
+    ]
+    for name, key, model, created, streamed in cases:
+        c = client(f"turns-{name}", api_key=key)
+        first = c.messages.create(model=model, max_tokens=256, messages=ASK)
+        with c.messages.stream(model=model, max_tokens=256, messages=ASK) as s:
+            final = s.get_final_message()
+        expect(charter(first)["action"] == created, (name, charter(first)))
+        # A stream's metadata rides on message_delta, which the SDK does not keep.
+        expect((final.stop_reason == "refusal") == (streamed == "block"), (name, final))
+        for message in [first, final]:
+            expect(all(b.text.strip() for b in message.content if b.type == "text"), message)
+            expect(message.usage.output_tokens > 1, (name, message.usage))
+            history = ASK + [
+                {"role": "assistant", "content": message.content},
+                {"role": "user", "content": "Thanks. What else is worth seeing there?"},
+            ]
+            reply = c.messages.create(model="mock-plain", max_tokens=64, messages=history)
+            expect(reply.content[0].text == PLAIN_TEXT, reply)
+
+
 SCENARIOS = [
     create,
     stream,
@@ -185,6 +215,7 @@ SCENARIOS = [
     rate_limited,
     overloaded,
     midstream_error,
+    next_turn,
 ]
 
 if __name__ == "__main__":

@@ -157,6 +157,13 @@ pub(super) struct Machine {
     eval_ms: f64,
     /// Latest output token count upstream reported.
     output_tokens: u64,
+    /// What upstream has generated so far (text, thinking, tool input), for the usage of
+    /// a stream cut before upstream's own count came.
+    generated: messages::TokenEstimate,
+    /// Whether non-blank text went out in the open text block: a refusal closes such a
+    /// block and adds its own; otherwise the notice goes into it, so no empty text block
+    /// (which the Messages API rejects in a later turn's history) reaches the client.
+    open_has_text: bool,
     /// Whether the window being judged releases all the held text (the block or message
     /// ends) or only up to its last sentence end.
     judging_all: bool,
@@ -190,6 +197,8 @@ impl Machine {
             merged: None,
             eval_ms: 0.0,
             output_tokens: 0,
+            generated: messages::TokenEstimate::default(),
+            open_has_text: false,
             judging_all: true,
             pending: None,
             recorded: false,
@@ -362,7 +371,9 @@ impl Machine {
         match block["type"].as_str() {
             Some("text") => {
                 self.state = State::Text { index };
+                self.open_has_text = false;
                 let initial = block["text"].as_str().unwrap_or("");
+                self.generated.add(initial);
                 if initial.is_empty() {
                     self.outbox.push(raw);
                     return Step::Read;
@@ -393,6 +404,9 @@ impl Machine {
     fn block_delta(&mut self, data: &Value, raw: Bytes) -> Step {
         let index = data["index"].as_u64();
         let delta = &data["delta"];
+        for field in ["text", "thinking", "partial_json"] {
+            self.generated.add(delta[field].as_str().unwrap_or(""));
+        }
         match (&mut self.state, delta["type"].as_str()) {
             (State::Text { index: open }, Some("text_delta")) if Some(*open) == index => {
                 let open = *open;
@@ -523,6 +537,7 @@ impl Machine {
                         detect::mask_range(text, &hits, offset, offset + now.len())
                     };
                     offset += piece.len();
+                    self.open_has_text |= !now.trim().is_empty();
                     match &mut pending {
                         Some((i, t)) if *i == index => t.push_str(&now),
                         _ => {
@@ -630,18 +645,27 @@ impl Machine {
             }
             State::Starting | State::Between | State::Ended(_) => None,
         };
+        let empty_text = matches!(self.state, State::Text { .. }) && !self.open_has_text;
         self.state = State::Ended(End::Blocked);
-        let mut events = Vec::new();
-        if let Some(index) = open {
-            events.push(json!({"type": "content_block_stop", "index": index}));
-        }
         let refusal = refusal(&self.meta);
-        events.extend(messages::notice_block_events(self.next_index, &refusal));
-        events.extend(messages::end_events(
-            self.output_tokens,
-            "refusal",
-            &self.meta,
-        ));
+        let mut events = Vec::new();
+        match open {
+            // The open text block is still empty: the notice becomes its text.
+            Some(index) if empty_text => {
+                events.push(json!({"type": "content_block_delta", "index": index,
+                                   "delta": {"type": "text_delta", "text": refusal}}));
+                events.push(json!({"type": "content_block_stop", "index": index}));
+            }
+            Some(index) => {
+                events.push(json!({"type": "content_block_stop", "index": index}));
+                events.extend(messages::notice_block_events(self.next_index, &refusal));
+            }
+            None => events.extend(messages::notice_block_events(self.next_index, &refusal)),
+        }
+        // Upstream billed what it generated before the hang-up, not the count its
+        // message_start carried (1): an estimate from what came, never below its count.
+        let output_tokens = self.output_tokens.max(self.generated.tokens());
+        events.extend(messages::end_events(output_tokens, "refusal", &self.meta));
         self.outbox.extend(events.iter().map(sse::event));
     }
 
@@ -674,6 +698,7 @@ impl Machine {
             "action": self.meta.action.as_str(),
             "ended": ended,
             "output_tokens_reported": self.output_tokens,
+            "output_tokens_estimated": self.generated.tokens(),
         });
         self.record = Some(OutputRecord {
             result: result.clone(),

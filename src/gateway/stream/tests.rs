@@ -291,7 +291,7 @@ fn blank_held_text_is_released_without_a_verdict() {
 }
 
 #[test]
-fn a_block_verdict_ends_the_stream_with_the_refusal() {
+fn a_block_verdict_before_any_text_puts_the_refusal_in_the_open_block() {
     let mut m = holding("How to hurt");
     m.event(block_stop(0));
     let step = m.judged(verdict(Some(Action::Block)), |meta| {
@@ -300,6 +300,50 @@ fn a_block_verdict_ends_the_stream_with_the_refusal() {
     });
     assert_eq!(step, Step::Stop);
     assert_eq!(m.state(), &State::Ended(End::Blocked));
+    let out = sent(&mut m);
+    // No empty text block: the refusal is the open block's text.
+    assert_eq!(
+        types(&out),
+        [
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(out[0]["index"], 0);
+    assert_eq!(out[0]["delta"]["text"], "I can't help with that.");
+    assert_eq!(out[1]["index"], 0);
+    assert_eq!(out[2]["delta"]["stop_reason"], "refusal");
+    // 11 characters came from upstream: 3 tokens, more than message_start's 1.
+    assert_eq!(out[2]["usage"]["output_tokens"], 3);
+    assert!(!out.iter().any(|e| e.to_string().contains("How to hurt")));
+    let outcome = m.take_record().unwrap();
+    assert_eq!(outcome.context["ended"], "blocked");
+    assert_eq!(outcome.context["withheld_chars"], 11);
+    assert_eq!(outcome.text, "How to hurt");
+    assert!(matches!(m.meta().action, ActionTaken::Block));
+    // The pending block stop is not sent after the refusal.
+    assert_eq!(m.resume(), Step::Read);
+    assert!(sent(&mut m).is_empty());
+}
+
+#[test]
+fn a_block_verdict_after_released_text_closes_its_block_and_adds_the_refusal() {
+    let mut m = in_text(10);
+    assert!(matches!(
+        m.event(text(0, "Fine words. More")),
+        Step::Judge(_)
+    ));
+    assert_eq!(passed_one_delta(&mut m), "Fine words.");
+    assert!(matches!(
+        m.event(text(0, " and worse things")),
+        Step::Judge(_)
+    ));
+    assert_eq!(
+        m.judged(verdict(Some(Action::Block)), |_| "No.".into()),
+        Step::Stop
+    );
     let out = sent(&mut m);
     assert_eq!(
         types(&out),
@@ -314,17 +358,9 @@ fn a_block_verdict_ends_the_stream_with_the_refusal() {
     );
     assert_eq!(out[0]["index"], 0);
     assert_eq!(out[1]["index"], 1);
-    assert_eq!(out[2]["delta"]["text"], "I can't help with that.");
-    assert_eq!(out[4]["delta"]["stop_reason"], "refusal");
-    assert!(!out.iter().any(|e| e.to_string().contains("How to hurt")));
-    let outcome = m.take_record().unwrap();
-    assert_eq!(outcome.context["ended"], "blocked");
-    assert_eq!(outcome.context["withheld_chars"], 11);
-    assert_eq!(outcome.text, "How to hurt");
-    assert!(matches!(m.meta().action, ActionTaken::Block));
-    // The pending block stop is not sent after the refusal.
-    assert_eq!(m.resume(), Step::Read);
-    assert!(sent(&mut m).is_empty());
+    assert_eq!(out[2]["delta"]["text"], "No.");
+    // 33 characters generated: 9 tokens.
+    assert_eq!(out[4]["usage"]["output_tokens"], 9);
 }
 
 #[test]

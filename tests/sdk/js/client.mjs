@@ -151,6 +151,37 @@ const scenarios = {
       },
     );
   },
+
+  // After each outcome, the answer appended to the history is accepted next turn (the
+  // mock rejects what the real API rejects, e.g. an empty text block).
+  async next_turn() {
+    const cases = [
+      ['pass', 'sk-sdk-client', 'mock-plain', 'none', 'none'],
+      ['flag', env.FLAG_KEY, 'mock-harmful', 'flag', 'flag'],
+      ['block', 'sk-sdk-client', 'mock-harmful', 'block', 'block'],
+      ['block-late', 'sk-sdk-client', 'mock-long-harmful', 'block', 'block'],
+      ['revise', 'sk-sdk-client', 'mock-privacy', 'revise', 'block'],
+    ];
+    for (const [name, apiKey, model, created, streamed] of cases) {
+      const c = client(`turns-${name}`, { apiKey });
+      const first = await c.messages.create({ model, max_tokens: 256, messages: ASK });
+      const final = await c.messages.stream({ model, max_tokens: 256, messages: ASK }).finalMessage();
+      expect(first.charter.action === created, [name, first.charter]);
+      // A stream's metadata rides on message_delta, which the SDK does not keep.
+      expect((final.stop_reason === 'refusal') === (streamed === 'block'), [name, final]);
+      for (const message of [first, final]) {
+        expect(message.content.every((b) => b.type !== 'text' || b.text.trim() !== ''), message);
+        expect(message.usage.output_tokens > 1, [name, message.usage]);
+        const history = [
+          ...ASK,
+          { role: 'assistant', content: message.content },
+          { role: 'user', content: 'Thanks. What else is worth seeing there?' },
+        ];
+        const reply = await c.messages.create({ model: 'mock-plain', max_tokens: 64, messages: history });
+        expect(reply.content[0].text === env.PLAIN_TEXT, reply);
+      }
+    }
+  },
 };
 
 const { VERSION } = await import('@anthropic-ai/sdk/version');
