@@ -620,23 +620,17 @@ mod tests {
     }
 
     fn charter() -> Charter {
+        let constitution = ConstitutionRef {
+            id: "default".into(),
+            version: "abc".into(),
+        };
         Charter {
-            id: "eval_1".into(),
             verdict: Verdict::Fail,
             action: ActionTaken::Block,
             violated: vec!["harmful-content".into()],
-            constitution: ConstitutionRef {
-                id: "default".into(),
-                version: "abc".into(),
-            },
             checked: vec!["prompt", "output"],
             failed: Some("output"),
-            revise_rounds: 0,
-            extra_usage: Usage::default(),
-            revise_tried: false,
-            released_chars: None,
-            note: None,
-            redacted: Vec::new(),
+            ..Charter::new("eval_1".into(), constitution)
         }
     }
 
