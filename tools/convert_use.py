@@ -31,7 +31,9 @@ the int8 model: a label-free constant without which the view's large common comp
 would swamp the others after normalisation (measured: dev AUC 0.893 without, 0.897 with).
 
 `--quantize int8` additionally applies ONNX Runtime's dynamic quantisation to the MatMuls
-(weights int8, activations quantised per call): the same weights, integer arithmetic.
+(weights int8 per channel), with each activation quantised per row rather than per call
+(`per_row_activations`), so a text's vector does not depend on the other texts of its
+batch: the same weights, integer arithmetic.
 
 With `--spans` the graph also takes `spans` ([batch, pieces, seq], 1 on each piece's
 tokens) and returns `span_embedding` ([batch, pieces, 512]: the sentence embedding of each
@@ -168,8 +170,16 @@ def build_graph(w: dict[str, np.ndarray], max_centre: np.ndarray,
                                         g.const("ln_b", w["ln_b"])], "feats_ln",
                  axis=-1, epsilon=eps)
     feats = g.op("Mul", [feats, mask3], "feats_masked")
-    summed = g.op("ReduceSum", [feats, g.const("axis1", np.array([1], np.int64))], "summed",
-                  keepdims=0)  # [B, 1280]
+    # The sum over tokens as a [B, 1, L] x [B, L, 1280] product with the mask rather than a
+    # ReduceSum: ONNX Runtime's ReduceSum orders its additions by the tensor's shape, so a
+    # text's sum changed in the last bits with the batch size and the padded length; the
+    # product adds each row's tokens in order, and padding adds exact zeros (issue 19).
+    token_sum = "token_sum"  # named, so quantisation can leave it out
+    g.nodes.append(helper.make_node(
+        "MatMul", [g.op("Unsqueeze", [maskf, g.const("axis1", np.array([1], np.int64))], "mask_row"),
+                   feats], [token_sum], name=token_sum))
+    summed = g.op("Squeeze", [token_sum, g.const("axis1", np.array([1], np.int64))],
+                  "summed")  # [B, 1280]
     lens = g.op("ReduceSum", [maskf, g.const("axis1", np.array([1], np.int64))], "lens",
                 keepdims=1)  # [B, 1]
     # Sum-then-project: the token sum commutes with the linear projection.
@@ -387,6 +397,95 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def per_row_activations(model: onnx.ModelProto) -> int:
+    """Make the int8 graph's activation quantisation per row, so a text embeds to the same
+    bits alone or in any batch (issue 19).
+
+    `quantize_dynamic` quantises each MatMul's input with one scale and zero point for the
+    whole tensor (DynamicQuantizeLinear), so a row's rounding depends on the values anywhere
+    else in the batch. Each such node becomes an asymmetric uint8 quantisation per row (the
+    last axis: one token, or one sentence): the input seen as [rows, K], each row's range
+    [min(x, 0), max(x, 0)] over 255 steps, QuantizeLinear along axis 0 with the row's zero
+    point. MatMulInteger takes only one zero point for its input, so it is given 0 and
+    each consumer subtracts `zero point x column sums of the int8 weights` from its int32
+    result (exact integer arithmetic, as the fused kernel would). The scale keeps a [..., 1]
+    shape and broadcasts through the existing `scale x weight scale` Mul. All-zero rows
+    (padding) get a tiny scale. Returns the number of nodes rewritten."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    const = lambda name, value: g.initializer.append(numpy_helper.from_array(value, name))  # noqa: E731
+    nodes, count = [], 0
+    corrections: dict[str, list] = {}  # MatMulInteger name -> nodes to insert after it
+    for node in g.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            if node.name in corrections:
+                nodes += corrections.pop(node.name)
+            continue
+        count += 1
+        x, (q, scale, zero) = node.input[0], node.output
+        p = f"{node.name}_row"
+        const(f"{p}_neg_one", np.array([-1], dtype=np.int64))
+        const(f"{p}_one", np.array([1], dtype=np.int64))
+        const(f"{p}_zero_f", np.array(0.0, dtype=np.float32))
+        const(f"{p}_inv255", np.array(1.0 / 255.0, dtype=np.float32))
+        const(f"{p}_tiny", np.array(1e-30, dtype=np.float32))
+        const(zero, np.array(0, dtype=np.uint8))
+        n = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out, **kw)  # noqa: E731
+        nodes += [
+            n("Shape", [x], f"{p}_shape"),
+            n("Shape", [x], f"{p}_lead", end=-1),
+            n("Concat", [f"{p}_lead", f"{p}_one"], f"{p}_col_shape", axis=0),
+            # [rows, K]: the last axis kept, every other folded into rows.
+            n("Shape", [x], f"{p}_k", start=-1),
+            n("Concat", [f"{p}_neg_one", f"{p}_k"], f"{p}_2d", axis=0),
+            n("Reshape", [x, f"{p}_2d"], f"{p}_x2"),
+            n("ReduceMax", [f"{p}_x2"], f"{p}_hi_raw", axes=[1], keepdims=0),
+            n("ReduceMin", [f"{p}_x2"], f"{p}_lo_raw", axes=[1], keepdims=0),
+            n("Max", [f"{p}_hi_raw", f"{p}_zero_f"], f"{p}_hi"),
+            n("Min", [f"{p}_lo_raw", f"{p}_zero_f"], f"{p}_lo"),
+            n("Sub", [f"{p}_hi", f"{p}_lo"], f"{p}_range"),
+            n("Mul", [f"{p}_range", f"{p}_inv255"], f"{p}_s_raw"),
+            n("Max", [f"{p}_s_raw", f"{p}_tiny"], f"{p}_s"),
+            # zero point = round(-lo / s), in [0, 255] by construction.
+            n("Div", [f"{p}_lo", f"{p}_s"], f"{p}_lo_steps"),
+            n("Neg", [f"{p}_lo_steps"], f"{p}_zp_f"),
+            n("Round", [f"{p}_zp_f"], f"{p}_zp_round"),
+            n("Cast", [f"{p}_zp_round"], f"{p}_zp", to=TensorProto.UINT8),
+            n("QuantizeLinear", [f"{p}_x2", f"{p}_s", f"{p}_zp"], f"{p}_q2", axis=0),
+            # allowzero: a 0 in these shapes is a real empty axis (no pieces), not "copy".
+            n("Reshape", [f"{p}_q2", f"{p}_shape"], q, allowzero=1),
+            n("Reshape", [f"{p}_s", f"{p}_col_shape"], scale, allowzero=1),
+            n("Cast", [f"{p}_zp"], f"{p}_zp_i32", to=TensorProto.INT32),
+            n("Reshape", [f"{p}_zp_i32", f"{p}_col_shape"], f"{p}_zp_col", allowzero=1),
+        ]
+        for mm in consumers.get(q, []):
+            if mm.op_type != "MatMulInteger" or mm.input[0] != q or mm.input[2] != zero:
+                raise SystemExit(f"{mm.name}: unexpected consumer of {q}")
+            w = numpy_helper.to_array(inits[mm.input[1]])
+            if len(mm.input) > 3 and mm.input[3] and numpy_helper.to_array(inits[mm.input[3]]).any():
+                raise SystemExit(f"{mm.name}: weights with a non-zero zero point")
+            colsum = f"{mm.name}_colsum"
+            const(colsum, w.astype(np.int32).sum(axis=0).astype(np.int32))
+            raw = f"{mm.output[0]}_raw"
+            out = mm.output[0]
+            mm.output[0] = raw
+            corrections[mm.name] = [
+                n("Mul", [f"{p}_zp_col", colsum], f"{mm.name}_zp_term"),
+                n("Sub", [raw, f"{mm.name}_zp_term"], out),
+            ]
+    if corrections:
+        raise SystemExit(f"MatMulInteger before its input's quantisation: {sorted(corrections)}")
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return count
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -417,11 +516,15 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
             onnx.save(model, src)
-            # The piece sums (spans x token features) multiply two activations: kept fp32.
+            # The token and piece sums (mask or spans x token features) multiply two
+            # activations: kept fp32.
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"],
-                             nodes_to_exclude=["span_sum"] if args.spans else [])
-            data = open(dst, "rb").read()
+                             nodes_to_exclude=["token_sum", "span_sum"] if args.spans
+                             else ["token_sum"])
+            quantised = onnx.load(dst)
+            per_row_activations(quantised)
+            data = quantised.SerializeToString()
     else:
         data = model.SerializeToString()
     write_atomic(os.path.join(args.out, "model.onnx"), data)

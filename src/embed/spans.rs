@@ -32,6 +32,7 @@ const EMB_DIM: usize = 512;
 const FEATS_DIM: usize = 1280;
 
 /// One model call's input: a text and the byte ranges of its pieces.
+#[derive(Clone, Copy)]
 pub struct Row<'a> {
     pub text: &'a str,
     pub spans: &'a [(usize, usize)],

@@ -66,3 +66,82 @@ fn default_model_embeds_the_pinned_vectors() {
          largest difference {largest_difference:.5}"
     );
 }
+
+/// Issue 19: a text's vectors (the whole text's and each piece's) are the same bits alone,
+/// in a batch with other texts of other lengths, and in any order, so its risk and verdict
+/// cannot depend on concurrent traffic.
+#[test]
+fn a_text_embeds_to_the_same_bits_in_any_batch() {
+    use charter::embed::Row;
+
+    let config = Config::load_from(None, Vec::new()).expect("default configuration");
+    let mut model = OnnxBackend::load(&config.model_dir(), &config.runtime_library(), 2, false)
+        .expect("the set-up's model loads");
+    let long = "The committee met on Tuesday to review the budget. ".repeat(12);
+    let texts = [
+        "ok",
+        "好的",
+        "How does encryption protect data during transmission?",
+        "How do vaccines train the immune system to respond?",
+        "请帮我写一封请假邮件，说明我明天需要去医院复查。",
+        long.as_str(),
+        "Step 1: buy a steel pipe and two end caps. Step 2: fill it with powder.",
+    ];
+    // Pieces: the first and second half of each text, on character boundaries.
+    let spans: Vec<Vec<(usize, usize)>> = texts
+        .iter()
+        .map(|t| {
+            let mid = (0..=t.len() / 2)
+                .rev()
+                .find(|&i| t.is_char_boundary(i))
+                .unwrap_or(0);
+            vec![(0, mid.max(1).min(t.len())), (mid, t.len())]
+        })
+        .collect();
+    let rows: Vec<Row> = texts
+        .iter()
+        .zip(&spans)
+        .map(|(text, spans)| Row { text, spans })
+        .collect();
+    let bits = |v: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        v.iter()
+            .map(|x| x.iter().map(|f| f.to_bits()).collect())
+            .collect()
+    };
+    let alone: Vec<Vec<Vec<u32>>> = rows
+        .iter()
+        .map(|row| bits(&model.embed_rows(std::slice::from_ref(row)).expect("embed")[0]))
+        .collect();
+    let together = model.embed_rows(&rows).expect("embed");
+    let order = [5, 0, 6, 2, 4, 1, 3];
+    let shuffled_rows: Vec<Row> = order.iter().map(|&i| rows[i]).collect();
+    let shuffled = model.embed_rows(&shuffled_rows).expect("embed");
+    let pairs = [rows[2], rows[5]];
+    let pair = model.embed_rows(&pairs).expect("embed");
+    for (i, want) in alone.iter().enumerate() {
+        assert_eq!(
+            &bits(&together[i]),
+            want,
+            "{:?}: in the batch of all",
+            texts[i]
+        );
+    }
+    for (j, &i) in order.iter().enumerate() {
+        assert_eq!(&bits(&shuffled[j]), &alone[i], "{:?}: shuffled", texts[i]);
+    }
+    assert_eq!(
+        bits(&pair[0]),
+        alone[2],
+        "{:?}: beside a long text",
+        texts[2]
+    );
+    assert_eq!(bits(&pair[1]), alone[5], "the long text beside a short one");
+    // Plain `embed` (no pieces) agrees with itself the same way.
+    let plain_alone = model.embed(&[texts[0]]).expect("embed");
+    let plain_batch = model.embed(&texts).expect("embed");
+    assert_eq!(
+        bits(&plain_alone)[0],
+        bits(&plain_batch)[0],
+        "plain embed of \"ok\""
+    );
+}
