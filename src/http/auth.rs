@@ -57,7 +57,9 @@ pub fn guarded<S: Clone + Send + Sync + 'static>(
     router.route_layer(axum::middleware::from_fn_with_state(guard, check))
 }
 
-/// The key a request carries for Charter.
+/// The key a request carries for Charter. A bearer token counts only when it looks like
+/// a Charter key (`chk_`): clients that sent another one to the API before keys existed
+/// (it names them in audit records) keep working where no key is needed.
 fn presented(headers: &HeaderMap, shape: Shape) -> Option<&str> {
     let own = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok());
     match shape {
@@ -67,6 +69,7 @@ fn presented(headers: &HeaderMap, shape: Shape) -> Option<&str> {
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
+                .filter(|k| k.trim_start().starts_with("chk_"))
         }),
     }
 }
@@ -130,8 +133,10 @@ mod tests {
     #[test]
     fn the_gateway_reads_only_its_own_header() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Bearer sk-ant-x".parse().unwrap());
-        assert_eq!(presented(&h, Shape::Api), Some("sk-ant-x"));
+        h.insert(header::AUTHORIZATION, "Bearer sk-other".parse().unwrap());
+        assert_eq!(presented(&h, Shape::Api), None, "not a Charter key");
+        h.insert(header::AUTHORIZATION, "Bearer chk_x".parse().unwrap());
+        assert_eq!(presented(&h, Shape::Api), Some("chk_x"));
         assert_eq!(presented(&h, Shape::Gateway), None);
         h.insert(KEY_HEADER, "chk_a".parse().unwrap());
         assert_eq!(presented(&h, Shape::Api), Some("chk_a"));

@@ -911,3 +911,32 @@ fn a_network_address_without_keys_refuses_to_start_unless_auth_mode_is_none() {
     create_key(&url, &["--name", "admin", "--scopes", "admin"]);
     healthy_then_stop(serve(dir.path(), &addr, &[]), port);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_needs_no_key_but_checks_one_that_is_sent() {
+    let s = crate::common::shared();
+    let hello = || Some(json!({"text": "Hello."}));
+    assert_eq!(
+        call(s, "POST", "/v1/evaluate", None, hello()).await.status,
+        200
+    );
+    for path in ["/v1/evaluations", "/metrics", "/v1/admin/keys"] {
+        assert_eq!(call(s, "GET", path, None, None).await.status, 200, "{path}");
+    }
+    // Another service's bearer token is not a Charter key: served, as before keys.
+    let a = call(
+        s,
+        "POST",
+        "/v1/evaluate",
+        Some(("sk-some-token", Send::Bearer)),
+        hello(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // A Charter key that is not valid is refused, on loopback too.
+    let forged = format!("chk_{}_{}", "1".repeat(16), "cd".repeat(32));
+    for send in [Send::Bearer, Send::Header] {
+        let a = call(s, "POST", "/v1/evaluate", Some((&forged, send)), hello()).await;
+        assert_api_error(&a, 401, "unauthorized", "forged key on loopback");
+    }
+}
