@@ -711,7 +711,7 @@ fn migrate_command_applies_migrations_idempotently() {
             .await
             .unwrap()
     });
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2], "the audit tables, then the API keys");
     assert!(dir.path().join("m.db").exists());
     let out = Command::new(env!("CARGO_BIN_EXE_charter"))
         .args(["migrate", "--database-url", "mysql://nope"])
