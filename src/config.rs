@@ -37,6 +37,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub database: DatabaseConfig,
     pub audit: AuditConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -328,6 +329,31 @@ pub struct AuditConfig {
     pub purge_interval_secs: u64,
 }
 
+/// API keys (`src/auth/`): who may call which routes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// When a request must carry a key.
+    pub mode: AuthMode,
+    /// How long a replica trusts what it read of a key: a key revoked on another replica
+    /// (or by `charter keys revoke`) stops working here within this many seconds.
+    pub cache_secs: u64,
+}
+
+/// When a request must carry an API key.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Keys required, except on a loopback bind address, where a request without a key
+    /// may do everything (a request with a key is checked and held to it). Bound to any
+    /// other address with no key in the database, the service refuses to start.
+    Auto,
+    /// Keys required on every address; refuses to start with no key in the database.
+    Keys,
+    /// No keys: every request may do everything, on any address. Must be set explicitly.
+    None,
+}
+
 /// What the audit store keeps of an evaluated text.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -501,6 +527,9 @@ impl Config {
         }
         if self.audit.purge_interval_secs == 0 {
             return invalid("audit.purge_interval_secs", "must be at least 1");
+        }
+        if self.auth.cache_secs > 3600 {
+            return invalid("auth.cache_secs", "must be at most 3600");
         }
         self.gateway.validate()
     }

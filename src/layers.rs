@@ -17,7 +17,7 @@ const FLOORS: &[&[&str]] = &[
     &["config", "constitution", "detect", "embed"],
     &["evaluate"],
     &["audit", "engine", "ids"],
-    &["store", "quality"],
+    &["store", "quality", "auth"],
     &["gateway"],
     &["state"],
     &["http"],

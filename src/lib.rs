@@ -16,6 +16,8 @@
 //! - [`engine`]: model + loaded constitutions; the one `evaluate` operation that the HTTP
 //!   API and the CLI call.
 //! - [`ids`]: the request id header, evaluation ids, client key ids.
+//! - [`auth`]: API keys (hashed in the audit database), scopes, per-key constitutions and
+//!   rate limits; whether a key is needed on the bound address.
 //! - [`audit`]: the audit record of every answered evaluation and the sink it goes to.
 //! - [`gateway`]: the Anthropic Messages proxy (screen, evaluate, critique/revise, guarded
 //!   streaming) behind `/v1/messages`, `/v1/messages/count_tokens` and `/v1/models`.
@@ -40,6 +42,7 @@
 #![warn(clippy::too_many_lines)]
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod constitution;
 pub mod detect;
@@ -76,6 +79,9 @@ pub enum RunError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// Keys are required and none can be found (`auth::Keys::start`).
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests
@@ -93,7 +99,15 @@ pub async fn run(
     } else {
         AppState::new(config.clone(), Arc::new(audit::LogSink))
     };
-    let result = serve(state.clone(), listener, shutdown).await;
+    // Before the first request: whether keys are required on this address, and if so
+    // that there is one.
+    let keys = state
+        .keys()
+        .start(listener.local_addr()?, config.database.migrate);
+    let result = match keys.await {
+        Ok(()) => serve(state.clone(), listener, shutdown).await,
+        Err(reason) => Err(RunError::Auth(reason)),
+    };
     if let Some(store) = state.store() {
         store.shutdown().await;
     }

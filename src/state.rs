@@ -1,5 +1,6 @@
 //! The application state every handler shares: configuration, the engine once it has
-//! loaded, where audit records go, the audit store and the gateway's service.
+//! loaded, where audit records go, the audit store, the gateway's service and the API
+//! keys.
 //!
 //! Owns: the lifetime of these services (the engine is set once, when it has loaded).
 //! Must not: know HTTP (handlers turn "not loaded yet" into their own answer) or hold
@@ -8,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::audit::AuditSink;
+use crate::auth::Keys;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::gateway::Gateway;
@@ -25,6 +27,7 @@ struct AppInner {
     audit: Arc<dyn AuditSink>,
     store: Option<Arc<Store>>,
     gateway: Arc<Gateway>,
+    keys: Arc<Keys>,
 }
 
 impl AppState {
@@ -46,6 +49,7 @@ impl AppState {
 
     fn build(config: Config, audit: Arc<dyn AuditSink>, store: Option<Arc<Store>>) -> Self {
         let gateway = Arc::new(Gateway::new(config.clone(), Arc::clone(&audit)));
+        let keys = Arc::new(Keys::new(&config));
         Self {
             inner: Arc::new(AppInner {
                 config,
@@ -53,6 +57,7 @@ impl AppState {
                 audit,
                 store,
                 gateway,
+                keys,
             }),
         }
     }
@@ -79,6 +84,11 @@ impl AppState {
     /// The Anthropic Messages proxy's service (its upstream client, configuration, sink).
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.inner.gateway
+    }
+
+    /// The API keys: who may call what.
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.inner.keys
     }
 
     /// The engine, or `None` while it is loading.

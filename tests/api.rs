@@ -12,6 +12,8 @@ mod cli;
 mod container;
 #[path = "api/evaluate.rs"]
 mod evaluate;
+#[path = "api/keys.rs"]
+mod keys;
 #[path = "api/model.rs"]
 mod model;
 

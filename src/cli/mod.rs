@@ -7,6 +7,7 @@ mod calibrate;
 mod check;
 mod eval;
 mod healthcheck;
+mod keys;
 mod migrate;
 mod serve;
 
@@ -55,6 +56,17 @@ enum Command {
         config: Option<PathBuf>,
         /// Audit database (overrides database.url).
         #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Manage API keys (kept hashed in the audit database, so every replica knows them).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE", env = "CHARTER_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        /// Audit database (overrides database.url).
+        #[arg(long, value_name = "URL", global = true)]
         database_url: Option<String>,
     },
     /// Validate constitution files; exit 1 and print every error when one is invalid.
@@ -152,6 +164,23 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it, once, on stdout.
+    Create(keys::CreateArgs),
+    /// List every key (never the key or its hash).
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id (`key_...`); every replica refuses it within auth.cache_secs.
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
 /// Runs the command `cli` names.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -187,6 +216,23 @@ pub fn run(cli: Cli) -> ExitCode {
             config.as_deref(),
             |config| set_database_url(config, database_url),
             |config| runtime().block_on(migrate::migrate(config)),
+        ),
+        Command::Keys {
+            command,
+            config,
+            database_url,
+        } => with_config(
+            config.as_deref(),
+            |config| set_database_url(config, database_url),
+            |config| {
+                runtime().block_on(async move {
+                    match command {
+                        KeysCommand::Create(args) => keys::create(config, args).await,
+                        KeysCommand::List { json } => keys::list(config, json).await,
+                        KeysCommand::Revoke { id } => keys::revoke(config, id).await,
+                    }
+                })
+            },
         ),
         Command::Eval {
             constitution,

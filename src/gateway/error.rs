@@ -10,6 +10,8 @@
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::limit::Limited;
+use crate::auth::Denied;
 use crate::engine::{EngineError, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,15 @@ pub enum GatewayError {
     /// The model and constitutions are still loading, or the service is stopping.
     #[error("not ready")]
     NotReady,
+    /// No Charter key in `x-charter-key`, or not a valid one (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The key may not do this: a missing scope, a constitution outside its list (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Over the key's rate limit (429).
+    #[error("rate limited")]
+    RateLimited(Limited),
     /// The evaluation queue is full.
     #[error("evaluation queue full")]
     Overloaded { retry_after_secs: u64 },
@@ -63,6 +74,20 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
                 "the gateway is starting or stopping; retry shortly".into(),
+            ),
+            GatewayError::Unauthorized(m) => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", m.clone())
+            }
+            GatewayError::Forbidden(m) => (StatusCode::FORBIDDEN, "permission_error", m.clone()),
+            GatewayError::RateLimited(limited) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "over this Charter key's rate of {} {} per {} s; retry after the retry-after delay",
+                    limited.state.burst,
+                    limited.state.unit.as_str(),
+                    limited.state.window_secs
+                ),
             ),
             GatewayError::Overloaded { .. } => (
                 overloaded(),
@@ -121,6 +146,9 @@ impl IntoResponse for GatewayError {
             GatewayError::InvalidRequest(_)
             | GatewayError::UnsupportedMediaType
             | GatewayError::BodyTooLarge
+            | GatewayError::Unauthorized(_)
+            | GatewayError::Forbidden(_)
+            | GatewayError::RateLimited(_)
             | GatewayError::NotReady
             | GatewayError::Overloaded { .. }
             | GatewayError::UpstreamTimeout => {}
@@ -136,7 +164,19 @@ impl IntoResponse for GatewayError {
                 headers.insert("retry-after", HeaderValue::from_static("1"));
                 headers.insert("x-should-retry", HeaderValue::from_static("true"));
             }
+            GatewayError::RateLimited(limited) => {
+                headers.insert("retry-after", HeaderValue::from(limited.retry_after_secs));
+                let (policy, state) = limited.state.headers();
+                for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+                    if let Ok(value) = HeaderValue::from_str(&value) {
+                        headers.append(name, value);
+                    }
+                }
+                headers.insert("x-should-retry", HeaderValue::from_static("true"));
+            }
             GatewayError::InvalidRequest(_)
+            | GatewayError::Unauthorized(_)
+            | GatewayError::Forbidden(_)
             | GatewayError::UnsupportedMediaType
             | GatewayError::BodyTooLarge
             | GatewayError::UpstreamUnreachable(_)
@@ -170,6 +210,33 @@ impl From<ErrorClass> for GatewayError {
             )),
             ErrorClass::Stopped => GatewayError::NotReady,
             ErrorClass::Internal(detail) => GatewayError::Internal(detail),
+        }
+    }
+}
+
+impl From<Denied> for GatewayError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::NoKey => GatewayError::Unauthorized(
+                "this gateway needs a Charter API key in the x-charter-key header \
+                 (x-api-key and Authorization carry the Anthropic key upstream)"
+                    .into(),
+            ),
+            Denied::BadKey => GatewayError::Unauthorized(
+                "the Charter API key in x-charter-key is not valid (unknown or revoked)".into(),
+            ),
+            Denied::Scope(scope) => GatewayError::Forbidden(format!(
+                "this Charter key lacks the scope {:?} these routes need",
+                scope.as_str()
+            )),
+            Denied::Constitution(id) => {
+                GatewayError::Forbidden(format!("this Charter key may not use constitution {id:?}"))
+            }
+            Denied::Limited(limited) => GatewayError::RateLimited(limited),
+            Denied::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "API keys cannot be read");
+                GatewayError::NotReady
+            }
         }
     }
 }

@@ -10,7 +10,8 @@
 //! error shape ([`error`]).
 //!
 //! A `/v1/messages` exchange: pick the constitution (`x-charter-constitution` header, else
-//! `gateway.constitution_by_key[key id]`, else `gateway.constitution`, else the default);
+//! the Charter key's default, else `gateway.constitution_by_key[key id]`, else
+//! `gateway.constitution`, else the default; one the Charter key may use);
 //! screen the last user turn (and the system prompt if configured) and answer a violating
 //! prompt with a refusal without calling upstream; forward; evaluate the output text
 //! ([`review`]); act by the strictest violated rule's action ([`revise`] for revise;
@@ -44,6 +45,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::audit::{AuditRecord, AuditSink, Origin, Source};
+use crate::auth::Caller;
 use crate::config::Config;
 use crate::constitution::{Constitution, ConstitutionRef};
 use crate::engine::{Engine, ErrorClass};
@@ -124,6 +126,7 @@ pub async fn passthrough(gw: &Gateway, request: Request) -> Result<Response, Gat
 pub async fn exchange(
     gw: Arc<Gateway>,
     engine: impl FnOnce() -> Option<Arc<Engine>>,
+    caller: &Caller,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -157,12 +160,13 @@ pub async fn exchange(
     }
 
     let engine = engine().ok_or(GatewayError::NotReady)?;
-    let constitution = select_constitution(&gw, &engine, &headers)?;
+    let constitution = select_constitution(&gw, &engine, &headers, caller)?;
     span.record("constitution", constitution.id.as_str());
     let ex = Exchange {
         engine,
         id: new_id(),
-        key_id: client_key_id(&headers),
+        // The Charter key's id; without one, the id of the Anthropic key sent upstream.
+        key_id: caller.key_id.clone().or_else(|| client_key_id(&headers)),
         constitution: constitution.id.clone(),
         model: view.model.clone().unwrap_or_default(),
         max_tokens: view.max_tokens.unwrap_or(1024),
@@ -363,13 +367,15 @@ async fn answer(
     Ok(response)
 }
 
-/// The constitution for a request: header, else key map, else gateway default, else the
-/// engine default. An unknown id in the header is the client's error (400); in the
-/// configuration it is ours (500).
+/// The constitution for a request: header, else the Charter key's default, else key map,
+/// else gateway default, else the engine default; one the Charter key may use (403). An
+/// unknown id in the header is the client's error (400); in the configuration it is ours
+/// (500).
 fn select_constitution(
     gw: &Gateway,
     engine: &Engine,
     headers: &HeaderMap,
+    caller: &Caller,
 ) -> Result<ConstitutionRef, GatewayError> {
     let config = &gw.config().gateway;
     let from_header = headers
@@ -381,11 +387,16 @@ fn select_constitution(
         })
         .transpose()?
         .filter(|s| !s.is_empty());
+    if let Some(id) = &from_header {
+        caller.permit(id)?;
+    }
     let (id, by_client) = match from_header {
         Some(id) => (Some(id), true),
         None => {
-            let by_key = client_key_id(headers)
-                .and_then(|key| config.constitution_by_key.get(&key).cloned());
+            // The key's default (when it has one) is one it may use.
+            let by_key = caller.constitution_for(None).or_else(|| {
+                client_key_id(headers).and_then(|key| config.constitution_by_key.get(&key).cloned())
+            });
             (by_key.or_else(|| config.constitution.clone()), false)
         }
     };
@@ -407,6 +418,7 @@ fn select_constitution(
                 class.into()
             }
         })?;
+    caller.permit(&index.constitution().id)?;
     Ok(index.constitution().reference())
 }
 

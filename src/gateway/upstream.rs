@@ -168,6 +168,8 @@ mod tests {
             ("x-stainless-retry-count", "0"),
             ("x-api-key", "sk-client"),
             ("x-charter-constitution", "strict"),
+            // The gateway's own API key never goes upstream.
+            ("x-charter-key", "chk_0123456789abcdef_00"),
             ("x-request-id", "ours"),
             ("accept-encoding", "gzip"),
             ("user-agent", "Anthropic/Python 0.64.0"),

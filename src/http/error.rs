@@ -13,6 +13,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::auth::limit::Limited;
+use crate::auth::Denied;
 use crate::engine::{EngineError, ErrorClass};
 use crate::store::StoreError;
 
@@ -53,6 +55,15 @@ pub enum AppError {
         max_units: usize,
     },
     NotReady,
+    /// No API key, or not a valid one (401).
+    Unauthorized(String),
+    /// The key may not do this (403): a missing scope, or a constitution outside its list.
+    Forbidden {
+        field: Option<String>,
+        message: String,
+    },
+    /// Over the key's rate limit (429, with `Retry-After` and `RateLimit` headers).
+    RateLimited(Limited),
     /// A dependency (the audit database) is down: logged, answered 503.
     Unavailable(String),
     Timeout,
@@ -96,6 +107,9 @@ impl AppError {
             AppError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::OverShare { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            AppError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Timeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -116,6 +130,9 @@ impl AppError {
             AppError::Overloaded { .. } => "overloaded",
             AppError::OverShare { .. } => "over_request_share",
             AppError::NotReady => "not_ready",
+            AppError::Unauthorized(_) => "unauthorized",
+            AppError::Forbidden { .. } => "forbidden",
+            AppError::RateLimited(_) => "rate_limited",
             AppError::Unavailable(_) => "unavailable",
             AppError::Timeout => "timeout",
             AppError::Internal(_) => "internal",
@@ -144,6 +161,41 @@ impl From<ErrorClass> for AppError {
             ErrorClass::OverShare { units, max_units } => AppError::OverShare { units, max_units },
             ErrorClass::Stopped => AppError::NotReady,
             ErrorClass::Internal(detail) => AppError::Internal(detail),
+        }
+    }
+}
+
+impl From<Denied> for AppError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::NoKey => AppError::Unauthorized(
+                "this route needs an API key: send `Authorization: Bearer KEY` or \
+                 `x-charter-key: KEY` (`charter keys create` makes one)"
+                    .into(),
+            ),
+            Denied::BadKey => {
+                AppError::Unauthorized("the API key is not valid (unknown or revoked)".into())
+            }
+            Denied::Scope(scope) => AppError::Forbidden {
+                field: None,
+                message: format!(
+                    "this key lacks the scope {:?} this route needs",
+                    scope.as_str()
+                ),
+            },
+            Denied::Constitution(id) => AppError::Forbidden {
+                field: Some("constitution".into()),
+                message: format!("this key may not use constitution {id:?}"),
+            },
+            Denied::Limited(limited) if limited.over_burst => AppError::TooLarge {
+                field: "texts".into(),
+                message: format!(
+                    "more texts in one request than this key's text rate allows at once ({})",
+                    limited.state.burst
+                ),
+            },
+            Denied::Limited(limited) => AppError::RateLimited(limited),
+            Denied::Unavailable(detail) => AppError::Unavailable(detail),
         }
     }
 }
@@ -201,6 +253,17 @@ impl AppError {
                 "the service is starting or stopping; retry shortly".into(),
                 None,
             ),
+            AppError::Unauthorized(m) => (m.clone(), None),
+            AppError::Forbidden { field, message } => (message.clone(), field.clone()),
+            AppError::RateLimited(limited) => (
+                format!(
+                    "over this key's rate of {} {} per {} s; retry after the Retry-After delay",
+                    limited.state.burst,
+                    limited.state.unit.as_str(),
+                    limited.state.window_secs
+                ),
+                None,
+            ),
             AppError::Unavailable(_) => (
                 "the audit database is unavailable; retry shortly".into(),
                 None,
@@ -255,6 +318,15 @@ impl IntoResponse for AppError {
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            AppError::RateLimited(limited) => {
+                crate::http::auth::limited_headers(response.headers_mut(), &limited);
+            }
+            AppError::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"charter\""),
+                );
+            }
             AppError::MalformedJson(_)
             | AppError::Invalid { .. }
             | AppError::TooLarge { .. }
@@ -265,6 +337,7 @@ impl IntoResponse for AppError {
             | AppError::UnsupportedMediaType
             | AppError::NotFound { .. }
             | AppError::OverShare { .. }
+            | AppError::Forbidden { .. }
             | AppError::Timeout
             | AppError::Internal(_) => {}
         }

@@ -5,12 +5,14 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::Json;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
 use super::error::AppError;
 use super::extract::ApiJson;
 use crate::audit::{AuditRecord, Origin, Source};
+use crate::auth::Caller;
 use crate::constitution::ConstitutionRef;
 use crate::engine::{Evaluation, Timings};
 use crate::evaluate::{Detection, Kind, RuleResult, TextResult, Verdict};
@@ -206,25 +208,36 @@ pub fn response(
 #[tracing::instrument(skip_all, fields(texts, constitution, verdict))]
 pub async fn evaluate(
     State(state): State<AppState>,
+    caller: Option<Extension<Arc<Caller>>>,
     headers: HeaderMap,
     ApiJson(mut req): ApiJson<EvaluateRequest>,
-) -> Result<Json<EvaluateResponse>, AppError> {
+) -> Result<Response, AppError> {
     let started = Instant::now();
+    let caller = super::auth::caller(caller);
     let engine = state.engine().ok_or(AppError::NotReady)?;
     let limits = &state.config().limits;
     let (texts, batch) = validate(&mut req, limits.max_text_chars, limits.max_batch_texts)?;
     let span = tracing::Span::current();
     span.record("texts", texts.len());
+    // The key's constitution (its default, one of its list), then its text rate.
+    let requested = caller.constitution_for(req.constitution.as_deref());
+    if let Some(id) = &requested {
+        caller.permit(id)?;
+    }
+    let index = engine.constitution(requested.as_deref())?;
+    caller.permit(&index.constitution().id)?;
+    let text_rate = caller.take_texts(texts.len())?;
     let texts = Arc::new(texts);
     let evaluation = engine
-        .evaluate(Arc::clone(&texts), req.constitution.as_deref())
+        .evaluate(Arc::clone(&texts), Some(&index.constitution().id))
         .await?;
     let id = new_id();
     // Recorded before the response leaves: an answered evaluation is never missing
     // from the audit log.
     let origin = Origin {
         source: Source::Api,
-        client_key_id: client_key_id(&headers),
+        // The Charter key's id; without one, the id of a bearer key (`auth.mode = "none"`).
+        client_key_id: caller.key_id.clone().or_else(|| client_key_id(&headers)),
         constitution: evaluation.index.constitution(),
         model: &evaluation.model,
         kind: req.kind,
@@ -249,7 +262,11 @@ pub async fn evaluate(
             Verdict::Fail => "fail",
         },
     );
-    Ok(Json(response))
+    let mut response = Json(response).into_response();
+    if let Some(state) = text_rate {
+        super::auth::rate_headers(response.headers_mut(), &state);
+    }
+    Ok(response)
 }
 
 #[cfg(test)]

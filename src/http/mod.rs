@@ -4,12 +4,14 @@
 //! validate input, call the [`crate::engine::Engine`] and shape its results.
 
 pub mod audit;
+pub mod auth;
 pub mod conn;
 pub mod constitutions;
 pub mod error;
 pub mod evaluate;
 pub mod extract;
 pub mod health;
+pub mod keys;
 pub mod messages;
 
 use std::time::Duration;
@@ -27,9 +29,42 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Scope;
 use crate::ids::REQUEST_ID;
 use crate::state::AppState;
+use auth::{guarded, Shape, KEY_HEADER};
 use error::AppError;
+
+/// The API's routes, each group behind the guard with the scope it needs (the probes
+/// need none; the constitutions any key).
+fn api_routes(state: &AppState) -> Router<AppState> {
+    let scoped = |router, scope| guarded(router, state, scope, Shape::Api);
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(scoped(
+            Router::new().route("/v1/evaluate", post(evaluate::evaluate)),
+            Some(Scope::Evaluate),
+        ))
+        .merge(scoped(
+            Router::new()
+                .route("/v1/constitutions", get(constitutions::list))
+                .route("/v1/constitutions/{id}", get(constitutions::get)),
+            None,
+        ))
+        .merge(scoped(
+            Router::new()
+                .route("/v1/evaluations", get(audit::list))
+                .route("/v1/evaluations/{id}", get(audit::get))
+                .route("/v1/stats", get(audit::stats)),
+            Some(Scope::AuditRead),
+        ))
+        .merge(scoped(
+            Router::new().route("/metrics", get(audit::metrics)),
+            Some(Scope::Metrics),
+        ))
+        .merge(scoped(keys::router(), Some(Scope::Admin)))
+}
 
 /// The API routes with every layer applied.
 pub fn router(state: AppState) -> Router {
@@ -37,16 +72,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(config.server.request_timeout_secs);
     let body_limit = config.server.body_limit_bytes;
     let cors = cors_layer(config);
-    let router = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/evaluate", post(evaluate::evaluate))
-        .route("/v1/constitutions", get(constitutions::list))
-        .route("/v1/constitutions/{id}", get(constitutions::get))
-        .route("/v1/evaluations", get(audit::list))
-        .route("/v1/evaluations/{id}", get(audit::get))
-        .route("/v1/stats", get(audit::stats))
-        .route("/metrics", get(audit::metrics))
+    let router = api_routes(&state)
         .fallback(not_found)
         .with_state(state.clone())
         // Innermost first: each `layer` wraps everything above it.
@@ -80,6 +106,7 @@ pub fn router(state: AppState) -> Router {
             header::PROXY_AUTHORIZATION,
             header::COOKIE,
             HeaderName::from_static("x-api-key"),
+            HeaderName::from_static(KEY_HEADER),
         ]));
     match cors {
         Some(cors) => router.layer(cors),
@@ -100,16 +127,27 @@ fn cors_layer(config: &crate::config::Config) -> Option<tower_http::cors::CorsLa
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+            ])
             .allow_headers([
                 header::CONTENT_TYPE,
                 header::AUTHORIZATION,
                 HeaderName::from_static("x-api-key"),
+                HeaderName::from_static(KEY_HEADER),
                 HeaderName::from_static("anthropic-version"),
                 HeaderName::from_static("anthropic-beta"),
                 REQUEST_ID,
             ])
-            .expose_headers([REQUEST_ID, HeaderName::from_static("x-charter-action")])
+            .expose_headers([
+                REQUEST_ID,
+                HeaderName::from_static("x-charter-action"),
+                header::RETRY_AFTER,
+                HeaderName::from_static("ratelimit"),
+                HeaderName::from_static("ratelimit-policy"),
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }

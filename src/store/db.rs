@@ -19,16 +19,30 @@ use super::record::{Entry, StoredConstitution, StoredEvaluation};
 use crate::config::DatabaseConfig;
 
 /// The migrations, compiled in. `migrations/README.md` says how to add one.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "audit",
-    include_str!("../../migrations/sqlite/0001_audit.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "audit",
-    include_str!("../../migrations/postgres/0001_audit.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "audit",
+        include_str!("../../migrations/sqlite/0001_audit.sql"),
+    ),
+    (
+        2,
+        "api_keys",
+        include_str!("../../migrations/sqlite/0002_api_keys.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "audit",
+        include_str!("../../migrations/postgres/0001_audit.sql"),
+    ),
+    (
+        2,
+        "api_keys",
+        include_str!("../../migrations/postgres/0002_api_keys.sql"),
+    ),
+];
 
 /// Most rows per INSERT statement: 16 binds each stays far below both databases' limits.
 const ROWS_PER_STATEMENT: usize = 256;
@@ -68,6 +82,9 @@ macro_rules! on_pool {
         }
     };
 }
+
+// `store::keys` runs its statements on either pool the same way.
+pub(crate) use on_pool;
 
 /// Filters shared by the two stats queries (`e` is the evaluations table).
 macro_rules! stats_filters {

@@ -18,6 +18,7 @@
 
 pub mod db;
 pub mod journal;
+pub mod keys;
 pub mod metrics;
 pub mod query;
 pub mod record;

@@ -329,6 +329,10 @@ fn image_builds_serves_reports_healthy_and_stops_cleanly_on_sigterm() {
             &format!("127.0.0.1::{PORT}"),
             "--env",
             &format!("CHARTER__SERVER__BIND=0.0.0.0:{PORT}"),
+            // Bound to every interface with no API key in the database, Charter refuses
+            // to start unless told to run without keys (tests/api/keys.rs tests both).
+            "--env",
+            "CHARTER__AUTH__MODE=none",
             "--env",
             "CHARTER_CONFIG=/etc/charter/charter.toml",
             // tower-http's per-request line ("finished processing request", with the

@@ -31,12 +31,12 @@ const PG_PORT: u16 = 5432;
 // Databases
 
 /// A fresh PostgreSQL database, dropped when the test ends.
-struct PgDatabase {
+pub(crate) struct PgDatabase {
     name: String,
 }
 
 impl PgDatabase {
-    async fn create() -> Self {
+    pub(crate) async fn create() -> Self {
         let name = format!("charter_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = sqlx::PgConnection::connect(PG_ADMIN)
             .await
@@ -48,7 +48,7 @@ impl PgDatabase {
         PgDatabase { name }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.url_via(PG_PORT)
     }
 
@@ -56,7 +56,7 @@ impl PgDatabase {
         format!("postgres://postgres@127.0.0.1:{port}/{}", self.name)
     }
 
-    async fn pool(&self) -> sqlx::PgPool {
+    pub(crate) async fn pool(&self) -> sqlx::PgPool {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .connect(&self.url())
@@ -711,7 +711,7 @@ fn migrate_command_applies_migrations_idempotently() {
             .await
             .unwrap()
     });
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2], "the audit tables, then the API keys");
     assert!(dir.path().join("m.db").exists());
     let out = Command::new(env!("CARGO_BIN_EXE_charter"))
         .args(["migrate", "--database-url", "mysql://nope"])
@@ -796,14 +796,14 @@ async fn every_answered_evaluation_is_in_the_audit_log() {
 // Real service processes.
 
 /// A `charter serve` process on a free port.
-struct Service {
+pub(crate) struct Service {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Service {
-    fn spawn(env: &[(&str, String)]) -> Service {
+    pub(crate) fn spawn(env: &[(&str, String)]) -> Service {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_charter"));
         cmd.args(["serve", "--bind", "127.0.0.1:0"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -861,11 +861,11 @@ impl Service {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
 
@@ -892,7 +892,7 @@ impl Service {
         }
     }
 
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.signal("TERM");
         assert!(
             self.wait_exit(Duration::from_secs(60)),
