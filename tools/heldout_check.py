@@ -5,7 +5,9 @@ language and kind.
 The files are never fitted on (README.md, "Ordinary traffic"): bench/holdout/ (everyday
 prompts and answers and refusals, en and zh, written apart from every training file),
 the S-Labs and neuralchemy validation prompts (assets/data/, `make data`), and
-bench/harmful-answers.jsonl (harmful answers, which should fail). Each file goes through
+bench/harmful-answers.jsonl and bench/holdout/harmful-prompts.jsonl (harmful answers and
+requests, which should fail), and bench/holdout/everyday-short.jsonl (short everyday requests
+that only sound edgy: "how do I kill a python process"). Each file goes through
 `charter eval` as it is (`kind` is not sent: eval scores every text the same way), with
 the configuration of the environment (`CHARTER__MODEL__DIR` for another encoder).
 
@@ -27,7 +29,9 @@ FILES = [
     "bench/holdout/refusals.jsonl",
     "assets/data/ordinary-slabs-validation.jsonl",
     "assets/data/ordinary-neuralchemy-validation.jsonl",
+    "bench/holdout/everyday-short.jsonl",
     "bench/harmful-answers.jsonl",
+    "bench/holdout/harmful-prompts.jsonl",
 ]
 
 
