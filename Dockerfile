@@ -59,7 +59,7 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_DEFAULT_TIMEOUT=120
 WORKDIR /setup
-COPY tools/*.py tools/use_views_centre.json ./tools/
+COPY tools/*.py tools/use_views_centre.json tools/use_m3_tuned.npz ./tools/
 RUN --mount=type=secret,id=extra_ca,required=false \
     --mount=type=cache,id=charter-pip,target=/root/.cache/pip,sharing=locked \
     if [ -s /run/secrets/extra_ca ]; then cat /run/secrets/extra_ca >> /etc/ssl/certs/ca-certificates.crt; fi \

@@ -42,27 +42,35 @@ data:
 	$(PYTHON) tools/fetch_data.py
 
 # The data the default constitution is calibrated and measured on (README.md).
-QUALITY_DATA = --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl \
-	--data bench/harmful-answers-train-en.jsonl --data bench/harmful-answers-train-zh.jsonl \
+QUALITY_DATA = $(LABELLED_DATA) \
 	--ordinary bench/ordinary/en-written.jsonl --ordinary bench/ordinary/zh-written.jsonl \
 	--ordinary bench/ordinary/refusals.jsonl --ordinary bench/ordinary/en-answers.jsonl \
 	--ordinary bench/ordinary/zh-answers.jsonl --ordinary assets/data/ordinary-slabs-train.jsonl \
 	--ordinary assets/data/ordinary-manpages-zh.jsonl --ordinary assets/data/ordinary-fortunes-zh.jsonl \
 	--ordinary assets/data/ordinary-neuralchemy-train.jsonl
 
-## Fit the default constitution as it ships (writes constitution/default.calibration.json):
-## labelled data only (BENCHMARKS.md: fitting on ordinary traffic stopped blocking harmful
-## answers, so it is measured, not shipped).
+# The labelled data the default constitution's heads are fitted on: dev, neutrality and the
+# hand-written harmful answers and requests (training only; never in a held-out figure).
+LABELLED_DATA = --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl \
+	--data bench/harmful-answers-train-en.jsonl --data bench/harmful-answers-train-zh.jsonl \
+	--data bench/harmful-prompts-train-en.jsonl --data bench/harmful-prompts-train-zh.jsonl
+
+## Fit the default constitution as it ships (writes constitution/default.calibration.json) on
+## the fine-tuned `use-m3`: labelled data only (the encoder already learned ordinary traffic;
+## BENCHMARKS.md: fitting the heads on it too stopped blocking harmful answers).
 calibrate: setup
-	$(CARGO) run --release -- calibrate --data ../shared/bench/dev.jsonl --data bench/neutrality.jsonl --target recall=0.80
+	$(CARGO) run --release -- calibrate $(LABELLED_DATA) --target recall=0.80
 
 ## The ordinary-traffic calibration (heads fitted with ordinary traffic as negatives, at
 ## most 1% false alarms per language): measured in BENCHMARKS.md, not shipped.
 calibrate-ordinary: setup data
 	$(CARGO) run --release -- calibrate $(QUALITY_DATA) --target recall=0.80 --max-ordinary-fpr 0.01
 
-## Fine-tune USE-m3's dense layers (issue 22, experimental: not the default, BENCHMARKS.md)
-## with PyTorch in assets/train-venv (made on first use) into assets/tune/use_m3_tuned.npz.
+## Fine-tune USE-m3's dense layers (issue 22) with PyTorch in assets/train-venv (made on first
+## use) into assets/tune/use_m3_tuned.npz. The default `use-m3` is built from the committed
+## tools/use_m3_tuned.npz: to ship a new fine-tune, copy it there, put its sha256 in
+## tools/setup_assets.py (TUNED_DELTA_SHA256), `make calibrate`, and re-pin the test vectors
+## (`python3 tools/tune_use.py expect --delta tools/use_m3_tuned.npz`).
 TUNE_ARGS ?= --response-weight 3 --answer-share 0.5
 tune: data
 	mkdir -p assets/tune

