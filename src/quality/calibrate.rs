@@ -178,7 +178,7 @@ fn fit_member(
         exemplars: with_heads.then(|| Index::exemplar_set_hash(index.constitution())),
         piece_margin: margin.filter(|_| with_heads),
         scary_weight: with_heads.then_some(scary_weight),
-        ordinary_weight: (with_heads && data.has_ordinary()).then_some(options.ordinary_weight),
+        ordinary_weight: (with_heads && data.fits_ordinary()).then_some(options.ordinary_weight),
         max_ordinary_fpr: options
             .max_ordinary_fpr
             .filter(|_| with_heads && data.has_ordinary()),

@@ -189,6 +189,11 @@ impl Data {
     pub fn has_ordinary(&self) -> bool {
         self.items.iter().any(|i| i.ordinary)
     }
+
+    /// Whether the heads are fitted on any ordinary item (not with `--ordinary-fit 0`).
+    pub fn fits_ordinary(&self) -> bool {
+        self.items.iter().any(|i| i.ordinary && i.fit)
+    }
 }
 
 fn stem(path: &Path) -> String {
