@@ -13,7 +13,7 @@
 //! | `mock-harmful` | pipe-bomb instructions (breaks `harmful-content`, a block rule) |
 //! | `mock-privacy` | a private person's medical conditions and bank account (breaks `privacy`, a revise rule); the revision call gets a benign rewrite |
 //! | `mock-privacy-stubborn` | as `mock-privacy`, but every revision breaks the rule again |
-//! | `mock-long-harmful` | ~950 benign characters, then the pipe-bomb instructions |
+//! | `mock-long-harmful` | 900 benign characters, then the pipe-bomb instructions (from where an output window starts) |
 //! | `mock-429`, `mock-529` | rate-limit / overloaded errors with retry headers |
 //! | `mock-midstream-error` | a stream that sends some text, then an `error` event |
 //! | `mock-cut` | a stream whose connection closes after some text |
@@ -83,8 +83,26 @@ pub fn benign_prefix() -> String {
     .join(" ")
 }
 
+/// Where the harmful part of [`long_harmful_text`] starts (in characters): where an
+/// output window of the default sizes begins (window 5: 200 characters after 100 of
+/// context), so one window holds the harmful text alone, as `mock-harmful` answers it.
+/// The tests of a cut stream are about the cut, not about how the model scores a harmful
+/// sentence mixed with gardening (tests/api/gateway_stream.rs covers every offset).
+pub const LONG_HARMFUL_AT: usize = 900;
+
+/// Benign sentences (padded with spaces to [`LONG_HARMFUL_AT`] characters), then the
+/// pipe-bomb instructions.
 pub fn long_harmful_text() -> String {
-    format!("{} {}", benign_prefix(), HARMFUL_TEXT)
+    let mut benign = String::new();
+    for sentence in benign_prefix().split_inclusive(". ") {
+        if benign.len() + sentence.trim_end().len() >= LONG_HARMFUL_AT {
+            break;
+        }
+        benign.push_str(sentence);
+    }
+    let text = format!("{benign:<width$}{HARMFUL_TEXT}", width = LONG_HARMFUL_AT);
+    debug_assert_eq!(text.find("Sure.").unwrap(), LONG_HARMFUL_AT);
+    text
 }
 
 /// The refusal text the gateway is configured with in the tests' default configuration.
