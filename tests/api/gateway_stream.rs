@@ -226,12 +226,14 @@ async fn streamed_verdicts_are_the_non_streamed_ones_and_no_failing_window_is_re
                 } else {
                     format!("{pre}{sep}{payload}")
                 };
-                fixtures.push((format!("{lang}{f}+{}", pre.chars().count()), text));
+                // Where the harmful part starts, for the report.
+                let at = text.chars().count() - payload.chars().count();
+                fixtures.push((format!("{lang}{f}+{}", pre.chars().count()), text, at));
             }
         }
     }
     println!("windows of {size} characters after {context} of context");
-    for (name, text) in &fixtures {
+    for (name, text, harmful_at) in &fixtures {
         let windows = judge_windows(text, size, context).await;
         let (plain, _) = ask(h, text, vec![text.chars().count()], false).await;
         // The non-streamed check judged exactly these windows.
@@ -266,12 +268,14 @@ async fn streamed_verdicts_are_the_non_streamed_ones_and_no_failing_window_is_re
             plain["action"],
             names(&plain["violated"]),
         );
+        let mut last_released = 0;
         for (label, deltas) in chunkings() {
             let (charter, released) = ask(h, text, deltas, true).await;
             streams += 1;
             let what = format!("{name}, deltas {label}");
             assert!(text.starts_with(&released), "{what}: {released}");
             let released_chars = released.chars().count();
+            last_released = released_chars;
             assert_eq!(charter["released_chars"], released_chars, "{what}");
             assert_eq!(charter["verdict"], plain["verdict"], "{what}");
             assert_eq!(names(&charter["violated"]), stream_violated, "{what}");
@@ -290,6 +294,12 @@ async fn streamed_verdicts_are_the_non_streamed_ones_and_no_failing_window_is_re
             }
             line.push_str(&format!(" {label}:{released_chars}"));
         }
+        // Passing windows release what they hold, harmful or not: how much of the harmful
+        // part went out before the cut (the same for every chunking).
+        line.push_str(&format!(
+            "; of the harmful part: {}",
+            last_released.saturating_sub(*harmful_at)
+        ));
         println!("{line}");
     }
     let took = started.elapsed();
