@@ -692,3 +692,52 @@ fn no_released_character_lies_in_a_failing_window() {
         }
     }
 }
+
+#[test]
+fn each_text_block_has_its_own_windows() {
+    let blocks = ["One two three four five.", "Six seven eight."];
+    let mut m = sized(5, 2);
+    m.event(start());
+    let mut judged = Vec::new();
+    let mut deltas = Vec::new();
+    for (i, block) in blocks.iter().enumerate() {
+        let i = i as u64;
+        let mut events = vec![block_start(i, "text")];
+        let chars: Vec<char> = block.chars().collect();
+        events.extend(
+            chars
+                .chunks(3)
+                .map(|c| text(i, &c.iter().collect::<String>())),
+        );
+        events.push(block_stop(i));
+        for e in events {
+            let mut step = m.event(e);
+            loop {
+                deltas.extend(
+                    sent(&mut m)
+                        .into_iter()
+                        .filter(|e| e["delta"]["type"] == "text_delta")
+                        .map(|e| (e["index"].as_u64().unwrap(), e["delta"]["text"].clone())),
+                );
+                step = match step {
+                    Step::Read => break,
+                    Step::Stop => panic!("stopped"),
+                    Step::Resume => m.resume(),
+                    Step::Judge(window) => {
+                        judged.push(window);
+                        m.judged(verdict(None), no_refusal)
+                    }
+                };
+            }
+        }
+    }
+    assert_eq!(judged, review::output_windows(&blocks, 5, 2));
+    for (i, block) in blocks.iter().enumerate() {
+        let released: String = deltas
+            .iter()
+            .filter(|(index, _)| *index == i as u64)
+            .map(|(_, t)| t.as_str().unwrap())
+            .collect();
+        assert_eq!(released, *block);
+    }
+}
