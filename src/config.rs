@@ -259,10 +259,12 @@ pub struct GatewayConfig {
     /// request is then forwarded as the client's bytes.
     #[serde(default)]
     pub redact_prompts: bool,
-    /// Characters of output text per evaluated window; a stream holds this much back
-    /// until it is evaluated.
+    /// Characters of output text per evaluated window (`gateway::review::output_windows`,
+    /// the same windows streamed or not); a stream holds this much back until it is
+    /// evaluated.
     pub hold_back_chars: usize,
-    /// Characters before each window evaluated with it (in streams: already released).
+    /// Characters before each window evaluated with it; a stream releases them only once
+    /// that window has passed too.
     pub context_chars: usize,
     /// Critique-and-revise rounds before a revise-rule violation is blocked.
     pub max_revise_rounds: u32,

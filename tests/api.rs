@@ -25,6 +25,8 @@ mod gateway;
 mod gateway_limits;
 #[path = "api/gateway_sdk.rs"]
 mod gateway_sdk;
+#[path = "api/gateway_stream.rs"]
+mod gateway_stream;
 #[path = "api/gateway_turns.rs"]
 mod gateway_turns;
 #[path = "api/redact.rs"]

@@ -99,6 +99,20 @@ pub fn response_text(message: &Value) -> String {
     content_text(&message["content"]).unwrap_or_default()
 }
 
+/// The text of each text block of a response message, in order.
+pub fn response_text_blocks(message: &Value) -> Vec<&str> {
+    message["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether a response message is one the gateway can evaluate (`type: message`).
 pub fn is_message(message: &Value) -> bool {
     message.get("type").and_then(Value::as_str) == Some("message")

@@ -574,7 +574,8 @@ async fn review_output(
         };
         return Ok((body, meta.action));
     }
-    let checked = review::check_output(&ex.gw, &ex.engine, &text, &ex.constitution).await?;
+    let blocks = messages::response_text_blocks(&message);
+    let checked = review::check_output(&ex.gw, &ex.engine, &blocks, &ex.constitution).await?;
     let decision = review::decide(&checked.result);
     meta.checked.push("output");
     note_violations(meta, &checked.result);
@@ -590,7 +591,7 @@ async fn review_output(
             json!({
                 "part": "output",
                 "stream": false,
-                "checked": "every text block of the response",
+                "checked": "every text block of the response, in windows",
                 "checked_chars": checked.chars,
                 "chunks": checked.chunks,
                 "action": meta.action.as_str(),

@@ -1,7 +1,8 @@
 //! Evaluating gateway texts through the engine, and what a result means for the exchange.
 //!
-//! Owns: cutting long texts into chunks the engine queue accepts, merging the chunks' (or
-//! a stream's windows') results into one, the decision a result calls for (pass, flag,
+//! Owns: cutting long texts into chunks the engine queue accepts, the windows an output
+//! is judged in (the same streamed or not), merging the chunks' (or windows') results
+//! into one, the decision a result calls for (pass, flag,
 //! block, revise: the strictest action among the violated rules). The audit record of
 //! every evaluation is `Exchange::record`'s. Evaluation always goes through the engine's
 //! queue; nothing here runs the model or blocks the async runtime.
@@ -162,10 +163,13 @@ pub fn merge_two(mut a: TextResult, b: TextResult) -> TextResult {
     a
 }
 
-/// Windows over an output text, as a stream is evaluated: consecutive pieces of
-/// `window_chars` characters, each with the `context_chars` characters before it. A
-/// passage is judged in a window of about its own size rather than diluted in a long
-/// text, and a text gets the same windows whether it was streamed or not.
+/// Windows over one text block of an output: consecutive pieces of `window_chars`
+/// characters, each with the `context_chars` characters before it, so a passage is
+/// judged in a window of about its own size rather than diluted in a long text. Window
+/// `k` covers characters `[k * window_chars - context_chars, (k + 1) * window_chars)`:
+/// where the windows fall depends only on character offsets, never on how the text
+/// arrived, so a stream can judge the same windows as its text comes (see
+/// [`output_windows`]).
 pub fn windows(text: &str, window_chars: usize, context_chars: usize) -> Vec<&str> {
     let window_chars = window_chars.max(1);
     let bounds = char_bounds(text);
@@ -183,6 +187,23 @@ pub fn windows(text: &str, window_chars: usize, context_chars: usize) -> Vec<&st
     out
 }
 
+/// The windows an output is judged in, streamed or not: [`windows`] over each text block
+/// on its own (context never reaches into an earlier block: a stream has released that
+/// block whole when it ended), without the windows that hold nothing but white space.
+/// The streaming guard (`stream/machine.rs`) judges exactly these windows, in this order,
+/// whatever the sizes of upstream's deltas, so a stream's verdict is this one's.
+pub fn output_windows<'a>(
+    blocks: &[&'a str],
+    window_chars: usize,
+    context_chars: usize,
+) -> Vec<&'a str> {
+    blocks
+        .iter()
+        .flat_map(|block| windows(block, window_chars, context_chars))
+        .filter(|w| !w.trim().is_empty())
+        .collect()
+}
+
 /// Evaluates a prompt against `constitution`: whole (the engine adds token windows to
 /// long texts), in chunks if longer than `limits.max_text_chars`.
 pub async fn check(
@@ -193,24 +214,36 @@ pub async fn check(
 ) -> Result<Checked, GatewayError> {
     let max_chars = gw.config().limits.max_text_chars;
     let parts = chunks(text, max_chars);
-    check_parts(engine, text, parts, constitution).await
+    check_parts(engine, text.chars().count(), parts, constitution).await
 }
 
-/// Evaluates a whole output in the windows a stream of it would be evaluated in.
+/// Evaluates a whole output (its text blocks) in the windows a stream of it is evaluated
+/// in ([`output_windows`]): the streamed and the non-streamed verdict are the same.
 pub async fn check_output(
     gw: &Gateway,
     engine: &Engine,
-    text: &str,
+    blocks: &[&str],
     constitution: &str,
 ) -> Result<Checked, GatewayError> {
     let config = &gw.config().gateway;
-    let parts = windows(text, config.hold_back_chars, config.context_chars);
-    check_parts(engine, text, parts, constitution).await
+    let parts = output_windows(blocks, config.hold_back_chars, config.context_chars);
+    let chars = blocks.iter().map(|b| b.chars().count()).sum();
+    check_parts(engine, chars, parts, constitution).await
+}
+
+/// Evaluates one of [`output_windows`] on its own, as a stream does once its last
+/// character has come (the engine text [`check_output`] makes of it).
+pub async fn check_window(
+    engine: &Engine,
+    window: &str,
+    constitution: &str,
+) -> Result<Checked, GatewayError> {
+    check_parts(engine, window.chars().count(), vec![window], constitution).await
 }
 
 async fn check_parts(
     engine: &Engine,
-    text: &str,
+    chars: usize,
     parts: Vec<&str>,
     constitution: &str,
 ) -> Result<Checked, GatewayError> {
@@ -224,7 +257,7 @@ async fn check_parts(
         index: evaluation.index,
         model: evaluation.model,
         result,
-        chars: text.chars().count(),
+        chars,
         chunks: n,
         latency_ms: started.elapsed().as_secs_f64() * 1e3,
     })
@@ -339,6 +372,16 @@ mod tests {
         assert_eq!(windows(text, 20, 5), vec![text]);
         assert_eq!(windows("", 4, 2), vec![""]);
         assert_eq!(windows("一二三四五", 2, 1), vec!["一二", "二三四", "四五"]);
+    }
+
+    #[test]
+    fn output_windows_stay_in_their_block_and_skip_blank_ones() {
+        assert_eq!(
+            output_windows(&["abcdef", "", "  \n ", "ghi"], 4, 2),
+            vec!["abcd", "cdef", "ghi"]
+        );
+        assert_eq!(output_windows(&["ab      ", "cd"], 2, 0), vec!["ab", "cd"]);
+        assert!(output_windows(&[" ", ""], 4, 2).is_empty());
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub async fn run(ex: &Exchange, response: &str, first: &Checked) -> Result<Outco
             outcome.note = Some("the revision was empty".into());
             return Ok(outcome);
         }
-        let checked = review::check_output(&ex.gw, &ex.engine, &revision, &ex.constitution).await?;
+        let checked =
+            review::check_output(&ex.gw, &ex.engine, &[&revision], &ex.constitution).await?;
         let decision = review::decide(&checked.result);
         ex.record(
             &format!("revision{round}"),

@@ -2,12 +2,21 @@
 //! client before it has been evaluated.
 //!
 //! Text deltas are held back (with any event that arrives between them, so order is kept)
-//! until `gateway.hold_back_chars` characters are waiting or the text block ends; then the
-//! held text is evaluated together with the last `gateway.context_chars` characters
-//! already released (so a sentence cut by a window boundary is still seen whole) and,
-//! when it passes, released as one `text_delta`. Each window costs one evaluation of at
-//! most `context_chars + hold_back_chars` (+ one delta) characters, so the cost is linear
-//! in the output and memory is bounded. Thinking and tool-use blocks pass as they come.
+//! and judged in exactly the windows the non-streaming check judges the same text in
+//! (`review::output_windows`): within each text block, window `k` covers characters
+//! `[k * hold_back_chars - context_chars, (k + 1) * hold_back_chars)`; it is judged as
+//! soon as its last character has come (the block's last, shorter window when the block
+//! ends). Where a window falls depends only on character offsets, so the windows, their
+//! verdicts and the stream's verdict are the same whatever sizes upstream's deltas have,
+//! and the same as the non-streaming verdict on the same answer. A character goes out only
+//! once every window that holds it has passed: after window `k` passes, the text before
+//! `(k + 1) * hold_back_chars - context_chars` (the next window's context stays held),
+//! and all of it after the block's last window. So no released character lies in a window
+//! that fails. The windows hold `1 + context_chars / hold_back_chars` times the output's
+//! characters (1.5 with the defaults), each embedded once: the cost is linear in the
+//! output. Fewer than `hold_back_chars + context_chars` characters plus one delta are
+//! held (and, with redact rules, what `detect::release_point` keeps back).
+//! Thinking and tool-use blocks pass as they come.
 //!
 //! With redact rules in the constitution, a release stops short of any tail of the held
 //! text that could still grow into an identifier (`detect::release_point`: `4111 1111 `
@@ -190,7 +199,7 @@ impl Guard {
                 Step::Resume => self.machine.resume(),
                 Step::Judge(window) => {
                     let ex = &self.ex;
-                    let verdict = review::check(&ex.gw, &ex.engine, &window, &ex.constitution)
+                    let verdict = review::check_window(&ex.engine, &window, &ex.constitution)
                         .await
                         .map(|checked| {
                             self.index = Some((checked.index, checked.model));

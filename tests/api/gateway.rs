@@ -718,7 +718,7 @@ async fn stream_is_cut_with_a_refusal_when_the_output_turns_harmful() {
         released.chars().count() > 600,
         "benign text before the violation is released: {released}"
     );
-    // Released up to the last finished sentence before the violating one.
+    // Released up to where the first failing window starts, at most.
     assert!(
         mock::long_harmful_text().starts_with(released),
         "{released}"

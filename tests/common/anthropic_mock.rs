@@ -13,12 +13,13 @@
 //! | `mock-harmful` | pipe-bomb instructions (breaks `harmful-content`, a block rule) |
 //! | `mock-privacy` | a private person's medical conditions and bank account (breaks `privacy`, a revise rule); the revision call gets a benign rewrite |
 //! | `mock-privacy-stubborn` | as `mock-privacy`, but every revision breaks the rule again |
-//! | `mock-long-harmful` | ~950 benign characters, then the pipe-bomb instructions |
+//! | `mock-long-harmful` | 900 benign characters, then the pipe-bomb instructions (from where an output window starts) |
 //! | `mock-429`, `mock-529` | rate-limit / overloaded errors with retry headers |
 //! | `mock-midstream-error` | a stream that sends some text, then an `error` event |
 //! | `mock-cut` | a stream whose connection closes after some text |
 //! | `bench-long` | ~950 benign characters, streamed without pauses (the benchmark) |
 //! | `mock-secrets`, `mock-secrets-N` | a text holding a card number, an SSN and an API key, then a tool call whose input holds a card and an SSN; streamed text deltas of N characters (default 7) |
+//! | `mock-scripted` | the text [`MockUpstream::script`] set for the request's test id, streamed in deltas of the sizes given (cycled) |
 //!
 //! Critique and revision calls (system prompts starting "You review" / "You rewrite") get a
 //! critique and a rewrite whatever the model.
@@ -31,6 +32,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,8 +83,26 @@ pub fn benign_prefix() -> String {
     .join(" ")
 }
 
+/// Where the harmful part of [`long_harmful_text`] starts (in characters): where an
+/// output window of the default sizes begins (window 5: 200 characters after 100 of
+/// context), so one window holds the harmful text alone, as `mock-harmful` answers it.
+/// The tests of a cut stream are about the cut, not about how the model scores a harmful
+/// sentence mixed with gardening (tests/api/gateway_stream.rs covers every offset).
+pub const LONG_HARMFUL_AT: usize = 900;
+
+/// Benign sentences (padded with spaces to [`LONG_HARMFUL_AT`] characters), then the
+/// pipe-bomb instructions.
 pub fn long_harmful_text() -> String {
-    format!("{} {}", benign_prefix(), HARMFUL_TEXT)
+    let mut benign = String::new();
+    for sentence in benign_prefix().split_inclusive(". ") {
+        if benign.len() + sentence.trim_end().len() >= LONG_HARMFUL_AT {
+            break;
+        }
+        benign.push_str(sentence);
+    }
+    let text = format!("{benign:<width$}{HARMFUL_TEXT}", width = LONG_HARMFUL_AT);
+    debug_assert_eq!(text.find("Sure.").unwrap(), LONG_HARMFUL_AT);
+    text
 }
 
 /// The refusal text the gateway is configured with in the tests' default configuration.
@@ -112,6 +132,8 @@ impl Recorded {
 #[derive(Default)]
 struct Shared {
     records: Mutex<Vec<Recorded>>,
+    /// `mock-scripted` answers by test id: the text and its deltas' sizes.
+    scripts: Mutex<HashMap<String, (String, Vec<usize>)>>,
     counter: AtomicU64,
 }
 
@@ -149,6 +171,17 @@ impl MockUpstream {
     }
 
     /// Requests that carried `x-test-id: test_id`, in arrival order.
+    /// What `mock-scripted` answers to requests with this test id: `text`, streamed in
+    /// deltas of `deltas` characters (cycled; at least one size, none 0).
+    pub fn script(&self, test_id: &str, text: &str, deltas: Vec<usize>) {
+        assert!(!deltas.is_empty() && !deltas.contains(&0));
+        self.shared
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(test_id.to_string(), (text.to_string(), deltas));
+    }
+
     pub fn requests(&self, test_id: &str) -> Vec<Recorded> {
         self.shared
             .records
@@ -179,7 +212,14 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     let request_id = format!("req_mock_{n}");
     let path = parts.uri.path();
     let mut response = match (parts.method.clone(), path) {
-        (Method::POST, "/v1/messages") => messages(&body, n),
+        (Method::POST, "/v1/messages") => {
+            let script = parts
+                .headers
+                .get(TEST_ID_HEADER)
+                .and_then(|id| id.to_str().ok())
+                .and_then(|id| shared.scripts.lock().unwrap().get(id).cloned());
+            messages(&body, n, script)
+        }
         (Method::POST, "/v1/messages/count_tokens") => {
             json_response(StatusCode::OK, json!({"input_tokens": 17}))
         }
@@ -314,7 +354,7 @@ pub fn invalid_history(request: &Value) -> Option<String> {
     None
 }
 
-fn messages(body: &[u8], n: u64) -> Response {
+fn messages(body: &[u8], n: u64, script: Option<(String, Vec<usize>)>) -> Response {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     if let Some(message) = invalid_history(&request) {
         return error(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
@@ -373,6 +413,10 @@ fn messages(body: &[u8], n: u64) -> Response {
                 (vec![text_block(PRIVACY_TEXT)], "end_turn")
             }
             "mock-long-harmful" => (vec![text_block(&long_harmful_text())], "end_turn"),
+            "mock-scripted" => {
+                let (text, _) = script.as_ref().expect("a script for this test id");
+                (vec![text_block(text)], "end_turn")
+            }
             m if m.starts_with("mock-secrets") => (
                 vec![
                     text_block(SECRETS_TEXT),
@@ -417,12 +461,15 @@ fn messages(body: &[u8], n: u64) -> Response {
         _ => Ending::Complete,
     };
     // The benchmark measures the proxy, not simulated network pauses.
-    let piece = model
-        .strip_prefix("mock-secrets-")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(7);
+    let deltas = match script {
+        Some((_, deltas)) if model == "mock-scripted" => deltas,
+        _ => vec![model
+            .strip_prefix("mock-secrets-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(7)],
+    };
     sse(
-        stream_events(&message, ending, piece),
+        stream_events(&message, ending, &deltas),
         !model.starts_with("bench-"),
     )
 }
@@ -446,14 +493,24 @@ fn event(data: Value) -> String {
     )
 }
 
-/// Splits a string into pieces of about `n` characters (as token deltas come).
-fn pieces(text: &str, n: usize) -> Vec<String> {
+/// Splits a string into pieces of `sizes` characters, cycled (as token deltas come).
+fn pieces(text: &str, sizes: &[usize]) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
-    chars.chunks(n).map(|c| c.iter().collect()).collect()
+    let mut out = Vec::new();
+    let mut at = 0;
+    for n in sizes.iter().cycle() {
+        if at >= chars.len() {
+            break;
+        }
+        let end = (at + n).min(chars.len());
+        out.push(chars[at..end].iter().collect());
+        at = end;
+    }
+    out
 }
 
 /// The event stream of `message`, as the real API sends it.
-fn stream_events(message: &Value, ending: Ending, piece: usize) -> Vec<String> {
+fn stream_events(message: &Value, ending: Ending, text_deltas: &[usize]) -> Vec<String> {
     let mut start = message.clone();
     start["content"] = json!([]);
     start["stop_reason"] = Value::Null;
@@ -466,13 +523,13 @@ fn stream_events(message: &Value, ending: Ending, piece: usize) -> Vec<String> {
         let (start_block, deltas): (Value, Vec<Value>) = match block["type"].as_str().unwrap() {
             "text" => (
                 json!({"type": "text", "text": ""}),
-                pieces(block["text"].as_str().unwrap(), piece)
+                pieces(block["text"].as_str().unwrap(), text_deltas)
                     .into_iter()
                     .map(|t| json!({"type": "text_delta", "text": t}))
                     .collect(),
             ),
             "thinking" => {
-                let mut d: Vec<Value> = pieces(block["thinking"].as_str().unwrap(), 9)
+                let mut d: Vec<Value> = pieces(block["thinking"].as_str().unwrap(), &[9])
                     .into_iter()
                     .map(|t| json!({"type": "thinking_delta", "thinking": t}))
                     .collect();
@@ -484,7 +541,7 @@ fn stream_events(message: &Value, ending: Ending, piece: usize) -> Vec<String> {
             }
             "tool_use" => (
                 json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}),
-                pieces(&block["input"].to_string(), 5)
+                pieces(&block["input"].to_string(), &[5])
                     .into_iter()
                     .map(|p| json!({"type": "input_json_delta", "partial_json": p}))
                     .collect(),

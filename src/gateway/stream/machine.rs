@@ -60,8 +60,8 @@ pub(super) enum End {
 pub(super) enum Step {
     /// Read the next upstream event.
     Read,
-    /// Evaluate this window (the released context plus the held text), then call
-    /// [`Machine::judged`].
+    /// Evaluate this window (one of `review::output_windows` of the open text block),
+    /// then call [`Machine::judged`].
     Judge(String),
     /// An event waited for the verdict: call [`Machine::resume`].
     Resume,
@@ -91,7 +91,8 @@ impl Event {
         }
     }
 
-    /// Events that end a block or the message: the held text is released (judged) first.
+    /// Events that end a block or the message: the held text's last window is judged
+    /// and the text released first.
     fn releases_first(&self) -> bool {
         matches!(
             self.kind.as_str(),
@@ -124,12 +125,13 @@ enum Held {
     Event(Bytes),
 }
 
-/// Sizes of the windows.
+/// Sizes of the windows (`review::windows`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WindowSizes {
-    /// New characters held before a window is judged (`gateway.hold_back_chars`).
+    /// New characters per window (`gateway.hold_back_chars`).
     pub hold_back: usize,
-    /// Released characters judged again with the next window (`gateway.context_chars`).
+    /// Characters before a window judged with it (`gateway.context_chars`): they stay
+    /// held until the window that holds them as context has passed too.
     pub context_chars: usize,
 }
 
@@ -142,11 +144,19 @@ pub(super) struct Machine {
     meta: Charter,
     held: Vec<Held>,
     held_chars: usize,
-    /// Held characters already evaluated once (an unfinished sentence carried over).
-    carried: usize,
+    /// Characters of the open text block judged: the end of its last judged window.
+    block_judged: usize,
+    /// Characters of the open text block released (the held text starts there).
+    block_released: usize,
+    /// The open text block (or the message) has ended: its last window may be short,
+    /// and everything held goes out once it passes.
+    finishing: bool,
+    /// Where the window being judged ends, in characters of the open text block.
+    judging_end: usize,
     /// One past the highest block index seen (where a notice block goes).
     next_index: u64,
-    /// The end of the released text, evaluated again with the next window.
+    /// The end of the released text, where redact rules look for an identifier that
+    /// the held text continues.
     context: String,
     released_chars: usize,
     checked_chars: usize,
@@ -164,9 +174,6 @@ pub(super) struct Machine {
     /// block and adds its own; otherwise the notice goes into it, so no empty text block
     /// (which the Messages API rejects in a later turn's history) reaches the client.
     open_has_text: bool,
-    /// Whether the window being judged releases all the held text (the block or message
-    /// ends) or only up to its last sentence end.
-    judging_all: bool,
     /// The event that waits for the verdict.
     pending: Option<Event>,
     recorded: bool,
@@ -187,7 +194,10 @@ impl Machine {
             meta,
             held: Vec::new(),
             held_chars: 0,
-            carried: 0,
+            block_judged: 0,
+            block_released: 0,
+            finishing: false,
+            judging_end: 0,
             next_index: 0,
             context: String::new(),
             released_chars: 0,
@@ -199,7 +209,6 @@ impl Machine {
             output_tokens: 0,
             generated: messages::TokenEstimate::default(),
             open_has_text: false,
-            judging_all: true,
             pending: None,
             recorded: false,
             record: None,
@@ -234,7 +243,7 @@ impl Machine {
             return Step::Stop;
         }
         if event.releases_first() {
-            if let Some(window) = self.release(true) {
+            if let Some(window) = self.end_text() {
                 self.pending = Some(event);
                 return Step::Judge(window);
             }
@@ -257,7 +266,7 @@ impl Machine {
         verdict: Result<Judgement, GatewayError>,
         refusal: impl FnOnce(&Charter) -> String,
     ) -> Step {
-        let all = self.judging_all;
+        let end = self.judging_end;
         let checked = match verdict {
             Ok(checked) => checked,
             Err(err) => {
@@ -270,13 +279,14 @@ impl Machine {
         let text = self.held_text();
         self.judged_windows += 1;
         self.eval_ms += checked.latency_ms;
-        // Text carried over from the last window was counted then.
-        let new_from = text
-            .char_indices()
-            .nth(self.carried)
-            .map_or(text.len(), |(i, _)| i);
-        self.checked_chars += self.held_chars - self.carried;
-        self.checked_text.push_str(&text[new_from..]);
+        // The window's new characters; its context was counted with the window before.
+        let (from, to) = (
+            self.block_judged - self.block_released,
+            end - self.block_released,
+        );
+        self.checked_chars += to - from;
+        self.checked_text
+            .push_str(&text[char_byte(&text, from)..char_byte(&text, to)]);
         super::super::note_violations(&mut self.meta, &checked.result);
         let decision = review::decide(&checked.result);
         self.merged = Some(match self.merged.take() {
@@ -295,11 +305,11 @@ impl Machine {
                 return Step::Stop;
             }
         }
-        self.release_judged(&text, all);
-        if self.pending.is_some() {
-            Step::Resume
-        } else {
-            Step::Read
+        self.passed(end);
+        match self.next_window() {
+            Some(window) => Step::Judge(window),
+            None if self.pending.is_some() => Step::Resume,
+            None => Step::Read,
         }
     }
 
@@ -372,6 +382,9 @@ impl Machine {
             Some("text") => {
                 self.state = State::Text { index };
                 self.open_has_text = false;
+                self.block_judged = 0;
+                self.block_released = 0;
+                self.finishing = false;
                 let initial = block["text"].as_str().unwrap_or("");
                 self.generated.add(initial);
                 if initial.is_empty() {
@@ -447,16 +460,14 @@ impl Machine {
         Step::Read
     }
 
-    /// Holds a piece of text; asks for a verdict once `hold_back` new characters wait.
+    /// Holds a piece of text; asks for a verdict once a window is complete.
     fn hold_text(&mut self, index: u64, text: String) -> Step {
         self.held_chars += text.chars().count();
         self.held.push(Held::Text { index, text });
-        if self.held_chars - self.carried >= self.windows.hold_back {
-            if let Some(window) = self.release(false) {
-                return Step::Judge(window);
-            }
+        match self.next_window() {
+            Some(window) => Step::Judge(window),
+            None => Step::Read,
         }
-        Step::Read
     }
 
     /// Queues an event now, or after the held text if there is some (order is kept).
@@ -472,7 +483,9 @@ impl Machine {
     fn drop_held(&mut self) {
         self.held.clear();
         self.held_chars = 0;
-        self.carried = 0;
+        self.block_judged = 0;
+        self.block_released = 0;
+        self.finishing = false;
     }
 
     fn held_text(&self) -> String {
@@ -485,31 +498,83 @@ impl Machine {
             .collect()
     }
 
-    /// Starts releasing the held text: all of it when `all` (the block or message ends),
-    /// else up to its last sentence end, so an unfinished sentence is judged again, whole,
-    /// in the next window. Returns the window to judge first; `None` when nothing waits
-    /// for a verdict (nothing held, or only blank text, released at once).
-    fn release(&mut self, all: bool) -> Option<String> {
+    /// The open text block (or the message) ends: its last window, however short, is
+    /// judged, and once it passes everything held goes out. Returns the window to judge
+    /// first; `None` when nothing waits for a verdict (nothing held, or nothing left to
+    /// judge, released at once).
+    fn end_text(&mut self) -> Option<String> {
         if self.held.is_empty() {
             return None;
         }
-        let text = self.held_text();
-        if text.trim().is_empty() {
-            self.release_judged(&text, all);
-            return None;
-        }
-        self.judging_all = all;
-        Some(format!("{}{}", self.context, text))
+        self.finishing = true;
+        self.next_window()
     }
 
-    /// Releases the held `text` once judged: consecutive text pieces as one delta, other
-    /// events as they came; what follows the cut stays held, in order.
-    fn release_judged(&mut self, text: &str, all: bool) {
-        let cut = if all {
-            text.len()
-        } else {
-            sentence_cut(text).unwrap_or(text.len())
-        };
+    /// The next window of the open text block to judge: window `k` covers its characters
+    /// `[k * hold_back - context_chars, (k + 1) * hold_back)`, asked for once all of them
+    /// have come (the last one when the block ends), so the windows are
+    /// `review::output_windows`'s whatever the deltas were. A window of white space only
+    /// passes unjudged, as there.
+    fn next_window(&mut self) -> Option<String> {
+        let size = self.windows.hold_back.max(1);
+        loop {
+            let received = self.block_released + self.held_chars;
+            let unjudged = received - self.block_judged;
+            if unjudged == 0 && self.finishing {
+                self.release_rest();
+                return None;
+            }
+            if unjudged == 0 || (unjudged < size && !self.finishing) {
+                return None;
+            }
+            let end = (self.block_judged + size).min(received);
+            let start = self
+                .block_judged
+                .saturating_sub(self.windows.context_chars)
+                .saturating_sub(self.block_released);
+            let text = self.held_text();
+            let window =
+                &text[char_byte(&text, start)..char_byte(&text, end - self.block_released)];
+            if window.trim().is_empty() {
+                self.passed(end);
+                continue;
+            }
+            self.judging_end = end;
+            return Some(window.to_string());
+        }
+    }
+
+    /// The window ending at `end` passed: what no later window holds goes out (all of
+    /// it when that was the block's last window).
+    fn passed(&mut self, end: usize) {
+        self.block_judged = end;
+        if self.finishing && end == self.block_released + self.held_chars {
+            self.release_rest();
+            return;
+        }
+        let upto = end.saturating_sub(self.windows.context_chars);
+        if upto > self.block_released {
+            let text = self.held_text();
+            let cut = char_byte(&text, upto - self.block_released);
+            self.release_judged(&text, cut, false);
+        }
+    }
+
+    /// The block's text is all judged: everything held goes out.
+    fn release_rest(&mut self) {
+        if !self.held.is_empty() {
+            let text = self.held_text();
+            self.release_judged(&text, text.len(), true);
+        }
+        self.block_judged = 0;
+        self.block_released = 0;
+        self.finishing = false;
+    }
+
+    /// Releases the held `text` (judged) up to byte `cut` (all of it when `all`: the
+    /// block has ended): consecutive text pieces as one delta, other events as they came;
+    /// what follows the cut stays held, in order.
+    fn release_judged(&mut self, text: &str, cut: usize, all: bool) {
         let (cut, hits) = self.redaction_cut(text, cut, all);
         for h in hits.iter().filter(|h| h.start < cut) {
             self.meta.note_redacted("output", &h.kind, 1);
@@ -568,8 +633,8 @@ impl Machine {
         let released = &text[..cut];
         let released_chars = released.chars().count();
         self.released_chars += released_chars;
+        self.block_released += released_chars;
         self.held_chars -= released_chars;
-        self.carried = self.held_chars;
         self.context.push_str(released);
         self.context = review::tail(&self.context, self.windows.context_chars).to_string();
     }
@@ -688,7 +753,7 @@ impl Machine {
         let context = json!({
             "part": "output",
             "stream": true,
-            "checked": "every text delta, in windows of held-back text plus context",
+            "checked": "every text block, in the windows of the non-streaming check",
             "windows": self.judged_windows,
             "hold_back_chars": self.windows.hold_back,
             "context_chars": self.windows.context_chars,
@@ -711,24 +776,9 @@ impl Machine {
     }
 }
 
-/// Byte offset just after the last sentence end in `text` (a terminator followed by
-/// whitespace, or a CJK terminator or newline anywhere), if that is not the very end.
-pub(super) fn sentence_cut(text: &str) -> Option<usize> {
-    let mut cut = None;
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        let end = i + c.len_utf8();
-        let next_is_space = chars.peek().is_some_and(|(_, n)| n.is_whitespace());
-        let is_end = match c {
-            '.' | '!' | '?' | ';' | ':' => next_is_space,
-            '\n' | '。' | '！' | '？' | '；' => true,
-            _ => false,
-        };
-        if is_end && end < text.len() {
-            cut = Some(end);
-        }
-    }
-    cut
+/// The byte offset of character `n` of `text` (its length when `n` is past the end).
+fn char_byte(text: &str, n: usize) -> usize {
+    text.char_indices().nth(n).map_or(text.len(), |(i, _)| i)
 }
 
 fn text_delta(index: u64, text: &str) -> Bytes {

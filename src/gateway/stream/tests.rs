@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::machine::{sentence_cut, End, Event, Judgement, Machine, State, Step, WindowSizes};
+use super::machine::{End, Event, Judgement, Machine, State, Step, WindowSizes};
 use crate::constitution::{Action, Constitution, ConstitutionRef, Severity};
 use crate::evaluate::{RuleResult, TextResult, Verdict};
 use crate::gateway::error::GatewayError;
 use crate::gateway::messages::{ActionTaken, Charter};
+use crate::gateway::review;
 use crate::gateway::sse::SseEvent;
 
 fn meta() -> Charter {
@@ -23,9 +24,13 @@ fn meta() -> Charter {
 }
 
 fn machine(hold_back: usize) -> Machine {
+    sized(hold_back, 20)
+}
+
+fn sized(hold_back: usize, context_chars: usize) -> Machine {
     let windows = WindowSizes {
         hold_back,
-        context_chars: 20,
+        context_chars,
     };
     Machine::new(meta(), windows, None)
 }
@@ -146,6 +151,16 @@ fn in_text(hold_back: usize) -> Machine {
     m
 }
 
+/// A machine inside text block 0 with windows of `hold_back` characters after 4 of
+/// context, nothing queued.
+fn in_text_windows(hold_back: usize) -> Machine {
+    let mut m = sized(hold_back, 4);
+    m.event(start());
+    m.event(block_start(0, "text"));
+    sent(&mut m);
+    m
+}
+
 /// A machine inside text block 0, with `held` held (below the hold-back).
 fn holding(held: &str) -> Machine {
     let mut m = in_text(100);
@@ -203,15 +218,39 @@ fn text_below_the_hold_back_is_held() {
 }
 
 #[test]
-fn the_hold_back_reached_asks_for_a_verdict_and_a_pass_releases_to_the_sentence_end() {
-    let mut m = in_text(10);
+fn a_full_window_is_judged_and_a_pass_releases_what_no_later_window_holds() {
+    let mut m = in_text_windows(10);
     assert_eq!(
-        m.event(text(0, "One. Two. Thr")),
-        Step::Judge("One. Two. Thr".into())
+        m.event(text(0, "abcdefghijklm")),
+        Step::Judge("abcdefghij".into())
     );
-    assert_eq!(passed_one_delta(&mut m), "One. Two.");
-    // The unfinished sentence is judged again, with the released text as context.
-    assert_eq!(m.event(block_stop(0)), Step::Judge("One. Two. Thr".into()));
+    // The last 4 judged characters are the next window's context: still held.
+    assert_eq!(passed_one_delta(&mut m), "abcdef");
+    assert_eq!(m.event(text(0, "nopq")), Step::Read);
+    assert_eq!(
+        m.event(text(0, "rst")),
+        Step::Judge("ghijklmnopqrst".into())
+    );
+    assert_eq!(passed_one_delta(&mut m), "ghijklmnop");
+    // Everything held is judged: the block's end releases it without another window.
+    assert_eq!(m.event(block_stop(0)), Step::Read);
+    let out = sent(&mut m);
+    assert_eq!(types(&out), ["content_block_delta", "content_block_stop"]);
+    assert_eq!(out[0]["delta"]["text"], "qrst");
+}
+
+#[test]
+fn one_long_delta_is_judged_window_by_window() {
+    let mut m = in_text_windows(4);
+    assert_eq!(m.event(text(0, "abcdefghij")), Step::Judge("abcd".into()));
+    assert_eq!(
+        m.judged(verdict(None), no_refusal),
+        Step::Judge("abcdefgh".into())
+    );
+    // Nothing of the second window is released before it passes.
+    assert!(sent(&mut m).is_empty());
+    assert_eq!(passed_one_delta(&mut m), "abcd");
+    assert_eq!(m.event(block_stop(0)), Step::Judge("efghij".into()));
 }
 
 #[test]
@@ -258,15 +297,21 @@ fn an_event_after_the_last_held_text_goes_out_with_it() {
 
 #[test]
 fn an_event_after_unreleased_text_stays_behind_it() {
-    let mut m = in_text(10);
+    let mut m = in_text_windows(10);
     m.event(text(0, "One. Tw"));
     m.event(event(json!({"type": "ping"})));
     assert!(sent(&mut m).is_empty());
+    assert_eq!(m.event(text(0, "o more")), Step::Judge("One. Two m".into()));
+    assert_eq!(passed_one_delta(&mut m), "One. T");
+    assert_eq!(m.event(block_stop(0)), Step::Judge("wo more".into()));
+    assert_eq!(m.judged(verdict(None), no_refusal), Step::Resume);
+    let out = sent(&mut m);
     assert_eq!(
-        m.event(text(0, "o more")),
-        Step::Judge("One. Two more".into())
+        types(&out),
+        ["content_block_delta", "ping", "content_block_delta"]
     );
-    assert_eq!(passed_one_delta(&mut m), "One.");
+    assert_eq!(out[0]["delta"]["text"], "w");
+    assert_eq!(out[2]["delta"]["text"], "o more");
 }
 
 #[test]
@@ -330,12 +375,12 @@ fn a_block_verdict_before_any_text_puts_the_refusal_in_the_open_block() {
 
 #[test]
 fn a_block_verdict_after_released_text_closes_its_block_and_adds_the_refusal() {
-    let mut m = in_text(10);
+    let mut m = in_text_windows(10);
     assert!(matches!(
         m.event(text(0, "Fine words. More")),
         Step::Judge(_)
     ));
-    assert_eq!(passed_one_delta(&mut m), "Fine words.");
+    assert_eq!(passed_one_delta(&mut m), "Fine w");
     assert!(matches!(
         m.event(text(0, " and worse things")),
         Step::Judge(_)
@@ -550,12 +595,149 @@ fn an_ended_stream_takes_no_more_events() {
     assert!(sent(&mut m).is_empty());
 }
 
+/// Feeds `text` to a machine in text block 0 in deltas of the sizes `sizes` cycles
+/// through, then ends the block and the message; `fails` says which windows violate a
+/// block rule. Returns the windows judged, in order, and the text released before the
+/// refusal (if any).
+fn stream(
+    sizes: (usize, usize),
+    text: &str,
+    deltas: &[usize],
+    fails: impl Fn(&str) -> bool,
+) -> (Vec<String>, String) {
+    let mut m = sized(sizes.0, sizes.1);
+    let chars: Vec<char> = text.chars().collect();
+    let mut events = vec![start(), block_start(0, "text")];
+    let (mut at, mut k) = (0, 0);
+    while at < chars.len() {
+        let n = deltas[k % deltas.len()].min(chars.len() - at);
+        events.push(self::text(0, &chars[at..at + n].iter().collect::<String>()));
+        if k % 3 == 1 {
+            events.push(event(json!({"type": "ping"})));
+        }
+        at += n;
+        k += 1;
+    }
+    events.extend([block_stop(0), message_delta()]);
+    let (mut judged, mut released) = (Vec::new(), String::new());
+    'events: for e in events {
+        let mut step = m.event(e);
+        loop {
+            for out in sent(&mut m) {
+                if out["delta"]["type"] == "text_delta" && out["delta"]["text"] != "REFUSED" {
+                    released.push_str(out["delta"]["text"].as_str().unwrap());
+                }
+            }
+            step = match step {
+                Step::Read => break,
+                Step::Stop => break 'events,
+                Step::Resume => m.resume(),
+                Step::Judge(window) => {
+                    let action = fails(&window).then_some(Action::Block);
+                    judged.push(window);
+                    m.judged(verdict(action), |_| "REFUSED".into())
+                }
+            };
+        }
+    }
+    (judged, released)
+}
+
+/// Deltas of 1 to 9 characters, from a fixed seed.
+fn uneven_deltas() -> Vec<usize> {
+    let mut x: u32 = 7;
+    (0..50)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            1 + (x >> 16) as usize % 9
+        })
+        .collect()
+}
+
+const TEXTS: [&str; 3] = [
+    "Tomatoes like sun. Water them early!   \n\n               Then BAD things follow here. The end.",
+    "番茄喜欢阳光。早上浇水。然后是BAD的内容，最后结束了。还有一些文字。",
+    "short BAD",
+];
+
 #[test]
-fn cuts_after_the_last_finished_sentence() {
-    assert_eq!(sentence_cut("One. Two. Thr"), Some(9));
-    assert_eq!(sentence_cut("Version 2.5 is out"), None);
-    assert_eq!(sentence_cut("Ends here."), None);
-    assert_eq!(sentence_cut("第一句。第二"), Some("第一句。".len()));
-    assert_eq!(sentence_cut("line\nnext"), Some(5));
-    assert_eq!(sentence_cut("no boundary at all"), None);
+fn a_stream_judges_the_non_streaming_windows_whatever_its_deltas() {
+    for sizes in [(10, 4), (7, 0), (5, 12), (200, 100)] {
+        for text in TEXTS {
+            let expected = review::output_windows(&[text], sizes.0, sizes.1);
+            for deltas in [vec![1], vec![3], vec![50], uneven_deltas()] {
+                let (judged, released) = stream(sizes, text, &deltas, |_| false);
+                assert_eq!(judged, expected, "{sizes:?} {deltas:?}");
+                assert_eq!(released, text);
+            }
+        }
+    }
+}
+
+#[test]
+fn no_released_character_lies_in_a_failing_window() {
+    for sizes in [(10, 4), (7, 0), (5, 12)] {
+        for text in TEXTS {
+            let windows = review::output_windows(&[text], sizes.0, sizes.1);
+            // A window fails when it holds the B of BAD (a small window can cut the word).
+            let first_failing = windows.iter().position(|w| w.contains('B')).unwrap();
+            // Where that window starts (windows are slices of `text`).
+            let start = windows[first_failing].as_ptr() as usize - text.as_ptr() as usize;
+            for deltas in [vec![1], vec![3], vec![50], uneven_deltas()] {
+                let (judged, released) = stream(sizes, text, &deltas, |w| w.contains('B'));
+                assert_eq!(judged, windows[..=first_failing], "{sizes:?} {deltas:?}");
+                assert!(text.starts_with(&released));
+                assert!(released.len() <= start, "{sizes:?} {deltas:?}: {released}");
+            }
+        }
+    }
+}
+
+#[test]
+fn each_text_block_has_its_own_windows() {
+    let blocks = ["One two three four five.", "Six seven eight."];
+    let mut m = sized(5, 2);
+    m.event(start());
+    let mut judged = Vec::new();
+    let mut deltas = Vec::new();
+    for (i, block) in blocks.iter().enumerate() {
+        let i = i as u64;
+        let mut events = vec![block_start(i, "text")];
+        let chars: Vec<char> = block.chars().collect();
+        events.extend(
+            chars
+                .chunks(3)
+                .map(|c| text(i, &c.iter().collect::<String>())),
+        );
+        events.push(block_stop(i));
+        for e in events {
+            let mut step = m.event(e);
+            loop {
+                deltas.extend(
+                    sent(&mut m)
+                        .into_iter()
+                        .filter(|e| e["delta"]["type"] == "text_delta")
+                        .map(|e| (e["index"].as_u64().unwrap(), e["delta"]["text"].clone())),
+                );
+                step = match step {
+                    Step::Read => break,
+                    Step::Stop => panic!("stopped"),
+                    Step::Resume => m.resume(),
+                    Step::Judge(window) => {
+                        judged.push(window);
+                        m.judged(verdict(None), no_refusal)
+                    }
+                };
+            }
+        }
+    }
+    assert_eq!(judged, review::output_windows(&blocks, 5, 2));
+    for (i, block) in blocks.iter().enumerate() {
+        let released: String = deltas
+            .iter()
+            .filter(|(index, _)| *index == i as u64)
+            .map(|(_, t)| t.as_str().unwrap())
+            .collect();
+        assert_eq!(released, *block);
+    }
 }
