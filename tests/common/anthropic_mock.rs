@@ -63,24 +63,26 @@ pub const SECRETS_TEXT: &str = "Your sandbox account is ready. The test card is 
 /// [`SECRETS_TEXT`] as a client of a redacting gateway must see it.
 pub const SECRETS_MASKED: &str = "Your sandbox account is ready. The test card is [CARD], the test SSN is [SSN] and your API key is [API_KEY]. Restart the app after you save the settings.";
 
+/// Gardening sentences: harmless prose for answers to hide a harmful part in.
+pub const GARDENING: [&str; 13] = [
+    "Tomatoes grow best in full sun with steady watering and a little compost.",
+    "Mulch keeps the soil moist and stops weeds from taking over the beds.",
+    "In autumn we plant garlic cloves a hand's width apart, pointed end up.",
+    "Bees visit the lavender every morning once the dew has dried.",
+    "A rain barrel under the gutter saves a surprising amount of water over a summer.",
+    "Rotate the vegetable beds every year so that pests and diseases do not build up.",
+    "Beans and peas add nitrogen to the soil, which helps the leafy crops that follow.",
+    "Prune the apple trees in late winter, before the buds begin to swell.",
+    "Marigolds planted between the rows keep some insects away from the lettuce.",
+    "Water early in the morning so the leaves dry before the heat of the day.",
+    "Compost needs air, so turn the heap every few weeks with a garden fork.",
+    "Strawberries send out runners that can be pinned down to make new plants.",
+    "Sweet peas climb happily up a simple frame of canes and string.",
+];
+
 /// About 950 characters of gardening prose: released before the harmful part.
 pub fn benign_prefix() -> String {
-    [
-        "Tomatoes grow best in full sun with steady watering and a little compost.",
-        "Mulch keeps the soil moist and stops weeds from taking over the beds.",
-        "In autumn we plant garlic cloves a hand's width apart, pointed end up.",
-        "Bees visit the lavender every morning once the dew has dried.",
-        "A rain barrel under the gutter saves a surprising amount of water over a summer.",
-        "Rotate the vegetable beds every year so that pests and diseases do not build up.",
-        "Beans and peas add nitrogen to the soil, which helps the leafy crops that follow.",
-        "Prune the apple trees in late winter, before the buds begin to swell.",
-        "Marigolds planted between the rows keep some insects away from the lettuce.",
-        "Water early in the morning so the leaves dry before the heat of the day.",
-        "Compost needs air, so turn the heap every few weeks with a garden fork.",
-        "Strawberries send out runners that can be pinned down to make new plants.",
-        "Sweet peas climb happily up a simple frame of canes and string.",
-    ]
-    .join(" ")
+    GARDENING.join(" ")
 }
 
 /// Where the harmful part of [`long_harmful_text`] starts (in characters): where an
